@@ -1,0 +1,120 @@
+"""Checkpoints: tensors and plain Python only, written atomically, read with ``weights_only=True``.
+
+A *network* checkpoint is ``{'meta': {...}, 'state_dict': {...}, ...}``: ``meta`` rebuilds the
+architecture (``lib.models.network_from_meta``), so ``test.py --student-path`` needs nothing else.
+A *training* checkpoint adds optimizer, scheduler, scaler, epoch, RNG states and the config.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from lib.models.net import RetrievalNet, network_from_meta
+from lib.models.zoo import resolve_model_path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
+    a run killed mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
+    """Read a checkpoint safely (no arbitrary unpickling); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path} is unreadable or not a weights-only checkpoint: {err}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds {type(state).__name__}, expected a dict")
+    return state
+
+
+def network_state(net: RetrievalNet, **extra: Any) -> Dict[str, Any]:
+    state = {"meta": dict(net.meta), "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+    state.update(extra)
+    return state
+
+
+def _meta_from_reference(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """Published checkpoints of the reference code: a torchvision architecture name, no version."""
+    meta = dict(meta)
+    if "version" not in meta and ":" not in str(meta.get("architecture", "")):
+        meta["architecture"] = f"tv:{meta['architecture']}"
+    return meta
+
+
+def network_from_state(state: Dict[str, Any], source: str = "checkpoint") -> RetrievalNet:
+    if "meta" not in state or "state_dict" not in state:
+        raise ValueError(f"{source} is not a network checkpoint: keys {sorted(state)}; expected 'meta' and 'state_dict'")
+    net = network_from_meta(_meta_from_reference(state["meta"]))
+    try:
+        net.load_state_dict(state["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(f"{source} does not match its own metadata {state['meta'].get('architecture')!r}: {err}") from err
+    return net
+
+
+def load_network(name_or_path: str, pretrained_dir: Optional[str] = None) -> RetrievalNet:
+    """Rebuild a network from a self-describing checkpoint, a file in ``pretrained/`` or a published name."""
+    path = resolve_model_path(name_or_path, pretrained_dir)
+    net = network_from_state(load_checkpoint(path), str(path))
+    net.meta["checkpoint"] = str(path)
+    return net
+
+
+def check_compatible(net: RetrievalNet, state: Dict[str, Any], source: str) -> None:
+    """Refuse to resume ``net`` from a checkpoint of another architecture, with both named."""
+    meta = state.get("meta", {})
+    keys = ("architecture", "pooling", "whitening")
+    mine = {k: net.meta.get(k) for k in keys}
+    theirs = {k: meta.get(k) for k in keys}
+    if mine != theirs:
+        raise ValueError(f"{source} was saved for {theirs}, but this run builds {mine}")
+
+
+def tensor_fingerprint(state_dict: Dict[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (names, dtypes, shapes and values)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+__all__ = ["atomic_save", "load_checkpoint", "network_state", "network_from_state", "load_network",
+           "check_compatible", "tensor_fingerprint", "get_network"]
+
+
+def get_network(architecture: Optional[str] = None, path: Optional[str] = None, *, pooling: str = "gem",
+                whitening: int = 0, pretrained: bool = True, weights: Optional[str] = None,
+                image_size: Optional[int] = None, pretrained_dir: Optional[str] = None) -> RetrievalNet:
+    """``--student/--teacher`` (an architecture, built with ImageNet weights) or ``--*-path`` (a checkpoint)."""
+    from lib.models.net import build_network
+
+    if path:
+        return load_network(path, pretrained_dir)
+    if not architecture:
+        raise ValueError("give an architecture name or a checkpoint path")
+    return build_network(architecture, pooling, whitening, pretrained=pretrained, weights=weights, image_size=image_size)
