@@ -1,0 +1,63 @@
+"""On-disk cache of teacher (database) embeddings.
+
+The key is a hash of everything the embeddings depend on: the checkpoint's content (a hash of its
+tensors and metadata), the dataset and subset, the image list, the image size, the transform and the
+multi-scale setting. A second run with the same key reads the file; any change recomputes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from lib.checkpoint import atomic_save, load_checkpoint, tensor_fingerprint
+from lib.models.net import RetrievalNet
+
+
+def network_fingerprint(net: RetrievalNet) -> str:
+    meta = {k: v for k, v in net.meta.items() if k not in ("checkpoint",)}
+    digest = hashlib.sha256(tensor_fingerprint(net.state_dict()).encode())
+    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def cache_key(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class EmbeddingCache:
+    """``get_or_compute(key_parts, compute)``; ``hits``/``misses`` count what happened."""
+
+    def __init__(self, directory: Optional[str | Path]):
+        self.directory = Path(directory) if directory else None
+        self.hits = self.misses = 0
+
+    def get_or_compute(self, parts: Dict[str, Any], compute: Callable[[], Tensor]) -> Tensor:
+        if self.directory is None:
+            self.misses += 1
+            return compute()
+        key = cache_key(**parts)
+        path = self.directory / f"{key}.pt"
+        if path.is_file():
+            try:
+                state = load_checkpoint(path)
+                if state.get("parts") == json.loads(json.dumps(parts, default=str)):
+                    self.hits += 1
+                    return state["embeddings"]
+            except ValueError:
+                pass  # a corrupt cache file is recomputed and overwritten
+        self.misses += 1
+        embeddings = compute()
+        atomic_save({"parts": json.loads(json.dumps(parts, default=str)), "embeddings": embeddings}, path)
+        return embeddings
+
+
+def paths_fingerprint(paths: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(paths).encode()).hexdigest()
+
+
+__all__ = ["EmbeddingCache", "network_fingerprint", "cache_key", "paths_fingerprint"]

@@ -1,0 +1,84 @@
+"""Small helpers shared by the command-line entry points."""
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import os
+import random
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, List, Optional
+
+import numpy as np
+import torch
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+        ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def _arith(node: ast.AST) -> float:
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return float(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        return _OPS[type(node.op)](_arith(node.left), _arith(node.right))
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
+        return _OPS[type(node.op)](_arith(node.operand))
+    raise ValueError(f"not an arithmetic expression: {ast.dump(node)}")
+
+
+def parse_scales(text: str | List[float]) -> List[float]:
+    """``'[1, 1/2**(1/2), 1/2]'`` -> [1.0, 0.707.., 0.5] without ``eval`` (arithmetic only)."""
+    if isinstance(text, (list, tuple)):
+        return [float(v) for v in text]
+    try:
+        tree = ast.parse(str(text).strip(), mode="eval").body
+        items = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
+        scales = [_arith(item) for item in items]
+    except (SyntaxError, ValueError) as err:
+        raise ValueError(f"--multiscale {text!r}: expected a list of numbers such as '[1, 1/2**(1/2), 1/2]' ({err})") from None
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"--multiscale {text!r}: scales must be positive")
+    return scales
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """'auto' -> CUDA when there is one, else CPU; 'cpu', 'cuda', 'cuda:1' as given."""
+    if spec in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def autocast_context(device: torch.device, amp: Optional[str]):
+    """``amp`` is None/'none', 'bf16' or 'fp16'; autocast only where it applies."""
+    if not amp or amp == "none":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_amp(amp: str, device: torch.device) -> Optional[str]:
+    """Autocast dtype name for ``device``: none on CPU; 'auto' = bf16 where supported, else fp16."""
+    if device.type != "cuda" or amp == "none":
+        return None
+    if amp == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return amp
+
+
+__all__ = ["resolve_amp", "autocast_context", "parse_scales", "select_device", "seed_everything", "write_json"]
