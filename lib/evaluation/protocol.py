@@ -1,0 +1,42 @@
+"""The paper's test protocol on top of the metrics: which embeddings query which.
+
+Every test image queries all other test images (itself excluded by index); positives share its
+class. A *setting* names the query side and the database side, e.g. ``asym = (student@224,
+teacher@448)``, ``sym = (student@224, student@224)``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+from torch import Tensor
+
+from lib.evaluation.metrics import retrieval_metrics
+
+
+def evaluate_settings(embeddings: Mapping[str, Tensor], labels: Tensor,
+                      settings: Mapping[str, Tuple[str, str]], *, ks: Sequence[int] = (1, 2, 4, 8),
+                      chunk_size: Optional[int] = None, device=None) -> Dict[str, Dict[str, float]]:
+    """``{setting: metrics}`` for each ``setting: (query key, database key)`` of ``embeddings``."""
+    results = {}
+    for name, (query_key, db_key) in settings.items():
+        query, db = embeddings[query_key], embeddings[db_key]
+        if device is not None:
+            query, db = query.to(device), db.to(device)
+        lab = labels.to(query.device)
+        results[name] = retrieval_metrics(query, db, lab, lab, exclude_self=True, ks=ks, chunk_size=chunk_size)
+    return results
+
+
+def format_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] = ("mAP", "R@1", "R@2", "R@4", "R@8", "mP@4", "MAP@R"),
+                 title: str = "") -> str:
+    """A fixed-width table of percentages, one row per setting."""
+    present = [c for c in columns if any(c in r for r in rows.values())]
+    width = max([len(title)] + [len(k) for k in rows]) + 2
+    lines = [title.ljust(width) + "".join(c.rjust(8) for c in present)]
+    for name, metrics in rows.items():
+        cells = "".join((f"{100 * metrics[c]:.2f}" if c in metrics else "-").rjust(8) for c in present)
+        lines.append(name.ljust(width) + cells)
+    return "\n".join(lines)
+
+
+__all__ = ["evaluate_settings", "format_table"]
