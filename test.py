@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Evaluate a student (query side) alone (symmetric) or against a teacher (asymmetric).
+
+    python test.py --student-path runs/default/student/model_best.pth \
+                   --teacher-path runs/default/teacher/model_best.pth \
+                   --datasets fashion-mnist-mini-test --image-size 32 --teacher-image-size 64 --sym
+
+Every test image queries all other test images; the student embeds the queries at --image-size, the
+teacher embeds the database at --teacher-image-size (asymmetric), or the student embeds both
+(symmetric, --sym or when no teacher is given). Teacher database embeddings are cached on disk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lib.cache import EmbeddingCache, network_fingerprint, paths_fingerprint
+from lib.checkpoint import get_network
+from lib.data.splits import load_split, parse_dataset_spec
+from lib.evaluation.protocol import evaluate_settings, format_table
+from lib.extract import extract
+from lib.models.pooling import POOLING
+from lib.utils import parse_scales, select_device, write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Asymmetric image retrieval testing", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    student = p.add_mutually_exclusive_group(required=True)
+    student.add_argument("--student", "-s", metavar="ARCH", help="architecture (ImageNet weights) for the query side")
+    student.add_argument("--student-path", "-spath", metavar="CKPT", help="student checkpoint, file in pretrained/, or published name")
+    teacher = p.add_mutually_exclusive_group()
+    teacher.add_argument("--teacher", "-t", metavar="ARCH", help="architecture (ImageNet weights) for the database side")
+    teacher.add_argument("--teacher-path", "-tpath", metavar="CKPT", help="teacher checkpoint, file in pretrained/, or published name")
+    p.add_argument("--pool", "-p", default="gem", choices=sorted(POOLING), help="pooling for --student/--teacher")
+    p.add_argument("--whitening", "-w", default=0, type=int, help="whitening dimension for --student/--teacher (0: none)")
+    p.add_argument("--not-pretrained", dest="pretrained", action="store_false", help="random weights for --student/--teacher")
+    p.add_argument("--weights", default=None, help="local ImageNet state dict for --student/--teacher")
+    p.add_argument("--datasets", "-d", default="fashion-mnist-mini-test", help="comma-separated datasets (name[-test|-val])")
+    p.add_argument("--data-root", default="data", help="folder holding the datasets")
+    p.add_argument("--image-size", "-imsize", default=None, type=int, help="query (student) size; default: the student's training size")
+    p.add_argument("--teacher-image-size", "-timsize", default=None, type=int, help="database (teacher) size; default: the teacher's training size")
+    p.add_argument("--sym", action="store_true", help="also run the symmetric test (student on both sides)")
+    p.add_argument("--multiscale", "-ms", default="[1]", help="scales, e.g. '[1, 1/2**(1/2), 1/2]'")
+    p.add_argument("--workers", "-j", default=4, type=int, help="data-loading workers")
+    p.add_argument("--batch-size", default=64, type=int, help="extraction batch size")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast for extraction on CUDA")
+    p.add_argument("--cache-dir", default=".cache/embeddings", help="teacher embedding cache ('' disables)")
+    p.add_argument("--val-ratio", default=0.5, type=float, help="validation share of training classes (for -val datasets)")
+    p.add_argument("--clustering", action="store_true", help="also report NMI and F1 (k-means)")
+    p.add_argument("--output", default=None, help="results JSON (default: test_results.json beside the student checkpoint, else in .)")
+    return p
+
+
+def resolve_size(explicit, net, fallback: int, flag: str) -> int:
+    size = explicit or net.meta.get("image_size") or fallback
+    if not explicit and not net.meta.get("image_size"):
+        print(f">> {flag} not given and the network records no training size: using {fallback}", file=sys.stderr)
+    return int(size)
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    device = select_device(args.device)
+    scales = parse_scales(args.multiscale)
+    build = dict(pooling=args.pool, whitening=args.whitening, pretrained=args.pretrained, weights=args.weights)
+    student = get_network(args.student, args.student_path, **build).to(device)
+    teacher = None
+    if args.teacher or args.teacher_path:
+        teacher = get_network(args.teacher, args.teacher_path, **build).to(device)
+    image_size = resolve_size(args.image_size, student, 224, "--image-size")
+    teacher_size = resolve_size(args.teacher_image_size, teacher, 448, "--teacher-image-size") if teacher else None
+    cache = EmbeddingCache(args.cache_dir or None)
+    common = dict(device=device, batch_size=args.batch_size, workers=args.workers, scales=scales, amp=args.amp)
+
+    results = {"student": student.meta.get("checkpoint", args.student), "image_size": image_size,
+               "teacher": (teacher.meta.get("checkpoint", args.teacher) if teacher else None),
+               "teacher_image_size": teacher_size, "multiscale": scales, "datasets": {}}
+    for spec in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        start = time.time()
+        name, subset = parse_dataset_spec(spec)
+        subset = "test" if subset == "train" and not spec.endswith("-train") else subset
+        split = load_split(name, args.data_root, val_ratio=args.val_ratio)
+        paths, labels = split.subset(subset)
+        labels = torch.as_tensor(labels)
+        embeddings = {"student": extract(student, paths, image_size, progress=f"{spec} student@{image_size}", **common)}
+        settings = {}
+        if teacher is not None:
+            parts = dict(network=network_fingerprint(teacher), dataset=name, subset=subset, root=str(split.root),
+                         paths=paths_fingerprint(paths), image_size=teacher_size, transform="eval-8/7-center",
+                         scales=scales)
+            embeddings["teacher"] = cache.get_or_compute(
+                parts, lambda: extract(teacher, paths, teacher_size, progress=f"{spec} teacher@{teacher_size}", **common))
+            settings["asym"] = ("student", "teacher")
+        if teacher is None or args.sym:
+            settings["sym"] = ("student", "student")
+        metrics = evaluate_settings(embeddings, labels, settings, device=device)
+        if args.clustering:
+            from lib.evaluation.clustering import clustering_metrics
+
+            for setting in metrics:
+                metrics[setting].update(clustering_metrics(embeddings["student"], labels))
+        results["datasets"][spec] = metrics
+        print(format_table(metrics, title=spec))
+        print(f">> {spec}: {len(paths)} images, {time.time() - start:.1f}s"
+              + (f", teacher cache {'hit' if cache.hits else 'miss'}" if teacher is not None else ""))
+        cache.hits = cache.misses = 0
+    output = args.output or (Path(args.student_path).parent / "test_results.json"
+                             if args.student_path and Path(args.student_path).is_file() else "test_results.json")
+    write_json(results, output)
+    print(f">> results written to {output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
