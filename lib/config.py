@@ -83,6 +83,19 @@ class Config:
     optimize: bool = opt(False, "tune hyper-parameters with optuna on the validation split first")
     trials: int = opt(6, "optuna trials")
     overwrite: bool = opt(False, "allow writing into an existing run directory that holds another run")
+    # hyper-parameter search (lib/hpo.py)
+    search: List[str] = opt([], "with --optimize: search PARAM in a range, PARAM=LOW:HIGH[:log][:int] (repeatable); PARAM "
+                                "is a numeric option or objective.NAME.KEY / objective.NAME.weight; it joins or overrides "
+                                "the paper's space lr=1e-4:2e-4:log, lam_1=0.6:0.8, lam_2=0.6:0.8; PARAM=off drops one",
+                            action="append")
+    storage: Optional[str] = opt(None, "optuna storage: an SQLAlchemy URL or an SQLite file (default <directory>/study.db); "
+                                       "processes and machines naming the same storage and --study-name share one search")
+    study_name: Optional[str] = opt(None, "optuna study name (default: the run directory's name)")
+    resume: bool = opt(False, "with --optimize: continue the study in --storage (a killed trial is retried) or join it "
+                              "from another process; --trials counts the trials already finished")
+    pruner: str = opt("none", "stop poor trials on the validation mAP of each validation epoch (none: the paper)",
+                      choices=("none", "median", "hyperband"))
+    search_only: bool = opt(False, "with --optimize: stop after the search, without the final run (helper workers)")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -179,10 +179,7 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
                          persistent_workers=False)
     global_step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        if cfg.freeze_bn:
-            set_batchnorm_eval(student)
-        mode.set_epoch(epoch, student)
+        mode.set_epoch(epoch, student)  # may extract embeddings (sym mining), which leaves the net in eval
         model.train()
         if cfg.freeze_bn:
             set_batchnorm_eval(student)
@@ -274,7 +271,7 @@ def _progress(iterable, desc: str, enabled: bool):
         return _Silent(iterable)
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+    return tqdm(iterable, desc=desc, unit="batch", dynamic_ncols=True, leave=False, disable=None)
 
 
 class _Silent:

@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""Distillation training for resolution-asymmetric retrieval (Suma & Tolias, WACV 2023).
+
+``python main.py`` with no argument runs the whole story on the embedded Fashion-MNIST subset: a
+teacher trained at the high resolution, a student distilled at the low resolution (``ts_aug``), and
+the final table (teacher, naive asymmetric baseline, student asymmetric and symmetric).
+See ``python main.py --help`` and README.md.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from lib.cache import EmbeddingCache
+from lib.checkpoint import get_network, load_network
+from lib.config import Config, load_config
+from lib.data.splits import DatasetSplit, load_split, parse_dataset_spec, trainval
+from lib.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
+from lib.evaluation.protocol import evaluate_settings, format_table
+from lib.extract import extract
+from lib.logger import get_logger
+from lib.trainer import TrainResult, Validator, train
+from lib.utils import seed_everything, select_device, write_json
+
+CACHE_DIR = ".cache/embeddings"
+
+
+def devices(cfg: Config, info: DistInfo) -> Tuple[torch.device, torch.device]:
+    """The student's and the teacher's device (``--gpu-id 0,1`` puts the teacher on the second GPU)."""
+    if cfg.gpu_id:
+        ids = [int(i) for i in str(cfg.gpu_id).split(",") if i.strip()]
+        student = torch.device(f"cuda:{ids[0]}")
+        teacher = torch.device(f"cuda:{ids[1]}") if len(ids) > 1 else student
+    else:
+        student = select_device(cfg.device)
+        if info.enabled and student.type == "cuda":
+            student = torch.device(f"cuda:{info.local_rank}")
+        teacher = student
+    if cfg.teacher_device:
+        teacher = torch.device(cfg.teacher_device)
+    if student.type == "cuda":
+        torch.cuda.set_device(student)
+    return student, teacher
+
+
+def prepare_run_dir(cfg: Config, info: DistInfo) -> Path:
+    if cfg.directory:
+        run_dir = Path(cfg.directory)
+    elif cfg.resume_student and Path(cfg.resume_student).is_file():
+        run_dir = Path(cfg.resume_student).parent
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{Path(cfg.training_dataset).stem}-{cfg.mode}-{stamp}{('-' + cfg.comment) if cfg.comment else ''}"
+    config_file = run_dir / "config.json"
+    if info.is_main:
+        if config_file.exists() and not cfg.resume_student and not cfg.overwrite and not (cfg.optimize and cfg.resume):
+            raise FileExistsError(f"{run_dir} already holds a run ({config_file}); resume it with "
+                                  "--resume-student last, pick another --directory, or pass --overwrite")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(cfg.to_dict(), config_file)
+    barrier(info)
+    return run_dir
+
+
+def training_data(split: DatasetSplit, with_val: bool):
+    """(paths, labels 0..C-1) of the training classes; train+val merged when ``with_val``."""
+    source = split if not with_val else DatasetSplit(split.name, split.root, trainval(split.split))
+    paths, labels = source.subset("train")
+    if not paths:
+        raise ValueError(f"dataset {split.name!r} has no training images")
+    labels = torch.unique(torch.as_tensor(labels), return_inverse=True)[1]
+    return paths, labels.tolist()
+
+
+def run_stage(cfg: Config, run_dir: Path, split: DatasetSplit, teacher, *, device, teacher_device, info: DistInfo,
+              cache: EmbeddingCache, trial=None, tag: str = "") -> TrainResult:
+    """One training run: on train with validation on val, or (``--no-val``) on train+val."""
+    seed_everything(cfg.seed)
+    paths, labels = training_data(split, with_val=not cfg.val)
+    validator = None
+    if cfg.val and info.is_main:
+        val_paths, val_labels = split.subset("val")
+        if not val_paths:
+            raise ValueError(f"dataset {split.name!r} has no validation classes: use --no-val or a larger --val-ratio")
+        validator = Validator(cfg, val_paths, val_labels, teacher, device=device, teacher_device=teacher_device,
+                              cache=cache, name=f"{split.name}-val")
+    student = get_network(cfg.student, cfg.student_path, pooling=cfg.pool, whitening=cfg.whitening,
+                          pretrained=cfg.pretrained, weights=cfg.weights, image_size=cfg.image_size)
+    resume = None
+    if cfg.resume_student:
+        resume = run_dir / "checkpoint_last.pth" if cfg.resume_student == "last" else Path(cfg.resume_student)
+        if not resume.is_file():
+            raise FileNotFoundError(f"--resume-student: no checkpoint at {resume}")
+    logger = get_logger(cfg.logger, str(run_dir / "tensorboard"), enabled=info.is_main)
+    logger.text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
+    try:
+        result = train(cfg, run_dir, student, teacher, paths, labels, validator=validator, device=device,
+                       teacher_device=teacher_device, logger=logger, cache=cache, dist_info=info, trial=trial,
+                       resume=str(resume) if resume else None, tag=tag)
+        final = {k: v for k, v in result.history[-1].items() if k.startswith("val/")} if result.history else {}
+        logger.hparams({k: v for k, v in cfg.to_dict().items() if k != "objective"} | {"objective": ",".join(cfg.objective)},
+                       final or {"train/loss": result.history[-1]["train/loss"]})
+    finally:
+        logger.close()
+    return result
+
+
+def get_teacher(cfg: Config, split: DatasetSplit, run_dir: Path, **kw):
+    """``--teacher-path`` (a checkpoint), ``--teacher`` (ImageNet weights as they are), or, in a teacher
+    mode without either, a teacher trained here first in ``sym`` mode at the teacher's resolution."""
+    if cfg.teacher_path or cfg.teacher:
+        return get_network(cfg.teacher, cfg.teacher_path, pooling=cfg.pool, whitening=cfg.whitening,
+                           pretrained=cfg.pretrained, weights=cfg.weights, image_size=cfg.teacher_image_size)
+    if cfg.mode == "sym" or not cfg.train_teacher:
+        if cfg.mode != "sym":
+            raise ValueError(f"mode {cfg.mode!r} needs --teacher, --teacher-path or --train-teacher")
+        return None
+    teacher_dir = run_dir / "teacher"
+    tcfg = cfg.replace(mode="sym", image_size=cfg.teacher_image_size, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
+                       objective=[], student_path=None, directory=str(teacher_dir), samples_per_class=0,
+                       resume_student=None, optimize=False)
+    best = teacher_dir / "model_best.pth"
+    last = teacher_dir / "checkpoint_last.pth"
+    if last.is_file() and torch.load(last, map_location="cpu", weights_only=True).get("epoch") == tcfg.epochs:
+        print(f">> reusing the finished teacher {best}")
+    else:
+        if last.is_file():
+            tcfg = tcfg.replace(resume_student=str(last))
+        teacher_dir.mkdir(parents=True, exist_ok=True)
+        write_json(tcfg.to_dict(), teacher_dir / "config.json")
+        print(f">> training the teacher: {tcfg.student} at {tcfg.image_size}px, mode sym, {tcfg.epochs} epochs")
+        run_stage(tcfg, teacher_dir, split, None, tag="teacher ", **kw)
+    return load_network(str(best))
+
+
+def final_test(cfg: Config, student_path: Path, teacher, *, device, run_dir: Path, cache: EmbeddingCache) -> Dict:
+    """The result table on each test dataset: teacher (symmetric, high resolution), the naive asymmetric
+    baseline (teacher on low-resolution queries against its high-resolution database), the student
+    asymmetric (against the teacher's database) and symmetric."""
+    from lib.cache import network_fingerprint, paths_fingerprint
+
+    student = load_network(str(student_path)).to(device)
+    results = {}
+    for spec in [d.strip() for d in cfg.test_datasets.split(",") if d.strip()]:
+        name, subset = parse_dataset_spec(spec)
+        subset = "test" if subset == "train" else subset
+        paths, labels = load_split(name, cfg.data_root, val_ratio=cfg.val_ratio).subset(subset)
+        labels = torch.as_tensor(labels)
+        common = dict(device=device, workers=cfg.workers)
+        emb = {"student@low": extract(student, paths, cfg.image_size, progress=f"{spec} student", **common)}
+        settings = {f"student sym ({cfg.image_size}px)": ("student@low", "student@low")}
+        if teacher is not None:
+            teacher.to(device)
+            parts = dict(network=network_fingerprint(teacher), paths=paths_fingerprint(paths),
+                         image_size=cfg.teacher_image_size, transform="eval-8/7-center", scales=[1.0])
+            emb["teacher@high"] = cache.get_or_compute(parts, lambda: extract(
+                teacher, paths, cfg.teacher_image_size, progress=f"{spec} teacher@high", **common))
+            emb["teacher@low"] = extract(teacher, paths, cfg.image_size, progress=f"{spec} teacher@low", **common)
+            settings = {
+                f"teacher sym ({cfg.teacher_image_size}px)": ("teacher@high", "teacher@high"),
+                f"naive asym (T@{cfg.image_size} -> T@{cfg.teacher_image_size})": ("teacher@low", "teacher@high"),
+                f"student asym (S@{cfg.image_size} -> T@{cfg.teacher_image_size})": ("student@low", "teacher@high"),
+                f"student sym ({cfg.image_size}px)": ("student@low", "student@low"),
+            }
+        metrics = evaluate_settings(emb, labels, settings)
+        results[spec] = metrics
+        print()
+        print(format_table(metrics, title=spec))
+    return results
+
+
+def main(argv=None) -> Dict:
+    cfg = load_config(argv)
+    info = init_distributed(select_device(cfg.device).type if not cfg.gpu_id else "cuda")
+    result = run(cfg, info)
+    shutdown_distributed(info)  # on success only: after an error, torchrun stops the other processes
+    return result
+
+
+def run(cfg: Config, info: DistInfo) -> Dict:
+    device, teacher_device = devices(cfg, info)
+    run_dir = prepare_run_dir(cfg, info)
+    if info.is_main:
+        print(f">> run directory {run_dir} (device {device}{', teacher on ' + str(teacher_device) if teacher_device != device else ''}"
+              f"{f', {info.world_size} processes' if info.enabled else ''})")
+    cache = EmbeddingCache(CACHE_DIR)
+    split = load_split(cfg.training_dataset, cfg.data_root, val_ratio=cfg.val_ratio)
+    kw = dict(device=device, teacher_device=teacher_device, info=info, cache=cache)
+    teacher = get_teacher(cfg, split, run_dir, **kw)
+
+    if cfg.optimize:
+        from lib.hpo import optimize
+
+        best = optimize(cfg, run_dir, split, teacher, run_stage=run_stage, **kw)
+        cfg = cfg.replace(**best)
+        if info.is_main:
+            print(f">> best hyper-parameters on validation: {best}")
+            write_json(cfg.to_dict(), run_dir / "config_final.json")
+        if cfg.search_only:
+            return {"run_dir": str(run_dir), "best": best}
+
+    result = run_stage(cfg, run_dir, split, teacher, **kw)
+    if not info.is_main:
+        return {}
+    results = {"run_dir": str(run_dir), "best_epoch": result.best_epoch, "best_val_score": result.best_score,
+               "test": final_test(cfg, result.best_path, teacher, device=device, run_dir=run_dir, cache=cache)}
+    write_json(results, run_dir / "results.json")
+    print(f"\n>> results written to {run_dir / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

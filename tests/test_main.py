@@ -1,0 +1,131 @@
+"""End to end: main.py in each mode on tiny synthetic images, resume after a real kill, test.py."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import main as main_module
+import test as test_module
+from lib.checkpoint import load_checkpoint
+from lib.trainer import accumulation_divisors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(dataset: Path, run_dir: Path, *extra: str):
+    return ["--training-dataset", f"folder:{dataset}", "--test-datasets", f"folder:{dataset}-test",
+            "--directory", str(run_dir), "--student", "timm:resnet18", "--not-pretrained", "--whitening", "16",
+            "--image-size", "32", "--teacher-image-size", "48", "--epochs", "2", "--query-size", "8",
+            "--batch-size", "4", "--pos-num", "2", "--workers", "0", "--logger", "none", "--teacher-epochs", "1",
+            "--lr", "1e-3", "--teacher-lr", "1e-3", "--pool-size", "8", "--neg-num", "2", *extra]
+
+
+@pytest.mark.parametrize("mode", ["ts_aug", "ts_reg", "sym"])
+def test_each_mode_trains_validates_and_tests(tiny_dataset, tmp_path, mode):
+    results = main_module.main(tiny_args(tiny_dataset, tmp_path / "run", "--mode", mode))
+    run = tmp_path / "run"
+    assert (run / "model_best.pth").is_file() and (run / "checkpoint_last.pth").is_file()
+    table = json.loads((run / "results.json").read_text())["test"]
+    rows = next(iter(table.values()))
+    expected = {"student sym (32px)"} if mode == "sym" else {
+        "teacher sym (48px)", "naive asym (T@32 -> T@48)", "student asym (S@32 -> T@48)", "student sym (32px)"}
+    assert set(rows) == expected
+    assert all(0 <= r["mAP"] <= 1 for r in rows.values())
+    state = load_checkpoint(run / "checkpoint_last.pth")
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert all("val/score" in h for h in state["history"])
+    # test.py reads the saved student and teacher with nothing but their checkpoints
+    teacher = run / "teacher" / "model_best.pth"
+    argv = ["--student-path", str(run / "model_best.pth"), "--datasets", f"folder:{tiny_dataset}-test",
+            "--workers", "0", "--sym", "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "t.json")]
+    if mode != "sym":
+        argv += ["--teacher-path", str(teacher)]
+    out = test_module.main(argv)
+    got = next(iter(out["datasets"].values()))
+    assert pytest.approx(got["sym"]["mAP"], abs=1e-6) == rows["student sym (32px)"]["mAP"]
+    if mode != "sym":
+        assert pytest.approx(got["asym"]["mAP"], abs=1e-6) == rows["student asym (S@32 -> T@48)"]["mAP"]
+
+
+def test_no_val_odd_epochs_and_accumulation(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    main_module.main(tiny_args(tiny_dataset, run, "--no-val", "--epochs", "3", "--update-every", "3",
+                               "--query-size", "12", "--teacher-path", str(_teacher(tiny_dataset, tmp_path))))
+    state = load_checkpoint(run / "checkpoint_last.pth")
+    assert state["epoch"] == 3 and state["best_score"] is None
+    # 12 images / batch 4 = 3 batches, one optimizer step per 3 batches: 1 step per epoch
+    assert state["scheduler"]["last_epoch"] == 3
+    assert accumulation_divisors(7, 3) == [3, 3, 3, 3, 3, 3, 1]
+
+
+def _teacher(dataset, tmp_path):
+    path = tmp_path / "teacher-run"
+    if not (path / "model_best.pth").exists():
+        main_module.main(tiny_args(dataset, path, "--mode", "sym", "--epochs", "1", "--image-size", "48"))
+    return path / "model_best.pth"
+
+
+def test_run_directory_is_never_silently_overwritten(tiny_dataset, tmp_path):
+    teacher = _teacher(tiny_dataset, tmp_path)
+    args = tiny_args(tiny_dataset, tmp_path / "run", "--teacher-path", str(teacher), "--epochs", "1")
+    main_module.main(args)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        main_module.main(args)
+
+
+def test_resume_refuses_another_architecture(tiny_dataset, tmp_path):
+    teacher = _teacher(tiny_dataset, tmp_path)
+    run = tmp_path / "run"
+    main_module.main(tiny_args(tiny_dataset, run, "--teacher-path", str(teacher), "--epochs", "1"))
+    with pytest.raises(ValueError, match="was saved for"):
+        main_module.main(tiny_args(tiny_dataset, run, "--teacher-path", str(teacher), "--epochs", "2",
+                                   "--whitening", "8", "--resume-student", "last"))
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_dataset, tmp_path):
+    """Kill a real training process after its first epoch's checkpoint, resume, compare with a run
+    that was never interrupted."""
+    teacher = _teacher(tiny_dataset, tmp_path)
+    common = ["--teacher-path", str(teacher), "--epochs", "3", "--query-size", "16"]
+    straight = tmp_path / "straight"
+    main_module.main(tiny_args(tiny_dataset, straight, *common))
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *tiny_args(tiny_dataset, killed, *common)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoint_last.pth"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists()
+    epoch_at_kill = load_checkpoint(last)["epoch"]
+    assert epoch_at_kill < 3, "the run finished before it could be killed; make it longer"
+    main_module.main(tiny_args(tiny_dataset, killed, *common, "--resume-student", "last"))
+
+    a, b = load_checkpoint(straight / "checkpoint_last.pth"), load_checkpoint(last)
+    assert b["epoch"] == 3
+    for name, tensor in a["state_dict"].items():
+        assert torch.allclose(tensor, b["state_dict"][name], atol=1e-6, rtol=0), name
+    for ha, hb in zip(a["history"], b["history"]):
+        assert ha["train/loss"] == pytest.approx(hb["train/loss"], abs=1e-6)
+        assert ha["val/score"] == pytest.approx(hb["val/score"], abs=1e-6)
+
+
+def test_teacher_cache_hit_or_miss_trains_the_same(tiny_dataset, tmp_path, monkeypatch):
+    """Extracting teacher embeddings (a cache miss) must not draw from the training RNG."""
+    monkeypatch.chdir(tmp_path)  # main.py caches under ./.cache: the first run misses, the second hits
+    teacher = _teacher(tiny_dataset, tmp_path)
+    histories = []
+    for name in ("miss", "hit"):
+        main_module.main(tiny_args(tiny_dataset, tmp_path / name, "--teacher-path", str(teacher), "--epochs", "1"))
+        histories.append(load_checkpoint(tmp_path / name / "checkpoint_last.pth")["history"])
+    assert histories[0][0]["train/loss"] == histories[1][0]["train/loss"]
