@@ -313,3 +313,20 @@ def test_parity_with_reference_protocol(seed, exclude_self):
         assert ours[f"mP@{k}"] == pytest.approx(precision[j], abs=1e-9)
         assert ours[f"mAP@{k}"] == pytest.approx(ap_at_k[j], abs=1e-9)
         assert ours[f"R@{k}"] == pytest.approx(recall[j], abs=1e-9)
+
+
+@pytest.mark.parametrize("share", [0.0, 2.0], ids=["dense", "sparse"])
+@pytest.mark.parametrize("seed", range(3))
+def test_dense_and_sparse_bucketing_match_oracle(monkeypatch, seed, share):
+    """Both ways of counting the items above each positive (every item bucketed, or only those at or
+    above the lowest positive) give the oracle's numbers, ties included."""
+    from lib.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "SPARSE_SHARE", share)
+    g = torch.Generator().manual_seed(seed)
+    x = integer_embeddings(60, 4, 2, g)
+    labels = random_labels(60, 7, g)
+    ours = retrieval_metrics(x, x, labels, labels, exclude_self=True, ks=KS)
+    expected = oracle_metrics(x, x, labels, labels, exclude_self=True)
+    for name in METRICS:
+        assert ours[name] == pytest.approx(expected[name], abs=1e-12), name

@@ -22,12 +22,15 @@ not depend on ``chunk_size``.
 Algorithm (no query x database matrix, no sort of the database, no Python loop per query): the
 database is put in label order once, so a query's positives are one contiguous slice. Per chunk of
 queries: the similarities (c, Nd); the positives' scores gathered and sorted (c, P), P = the largest
-class; every item's bucket (= how many positive scores are <= it) by a batched ``searchsorted``
+class; each item's bucket (= how many positive scores are <= it) by a batched ``searchsorted``
 against its row's sorted positive scores; a per-row histogram of the buckets, summed from the top,
 counts the items at or above each positive score; subtracting the positives there leaves the
-negatives. Cost: the GEMM plus O(Nd log P) per query; memory about 20 bytes per similarity of a
-chunk. Runs on the device of the inputs, in float32. (Tried and dropped, slower on a 2-core CPU:
-int32 buckets with ``bincount``; bucketing only the items above the lowest positive.)
+negatives. Items below a row's lowest positive score have bucket 0 and count for nothing: when a
+sample of the chunk says they are most of it (any embedding worth evaluating), only the others are
+located (``torch.where``) and bucketed. Cost: the GEMM, one comparison pass over the similarities,
+and O(M log P) for the M items above the lowest positives (O(Nd log P) per query otherwise); memory
+about 5 bytes per similarity of a chunk (20 on the dense path). Runs on the device of the inputs, in
+float32.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import torch
 from torch import Tensor
 
 GEMM_ROWS = 256  # query rows per similarity GEMM, aligned to the query index
+SPARSE_SHARE = 0.125  # bucket only the items at or above the lowest positive when they are fewer than this
 
 
 def default_chunk_size(num_db: int, budget_bytes: int = 256 * 2**20) -> int:
@@ -66,12 +70,23 @@ def _at_or_above(sims: Tensor, ascending: Tensor) -> Tensor:
     """(c, P): #items with score >= ``ascending[:, k]`` (each row's positive scores ascending, +inf padding).
 
     An item's bucket is the number of positive scores <= it; a histogram of the buckets summed from
-    the top gives the counts (ties: an item equal to a positive score counts as at or above it)."""
+    the top gives the counts (ties: an item equal to a positive score counts as at or above it).
+    Items below a row's lowest positive score fall in bucket 0 and count for nothing, so when they
+    are most of the row (any useful embedding), only the others are bucketed (sparse path)."""
     c, width = ascending.shape
-    buckets = torch.searchsorted(ascending, sims, right=True)  # (c, Nd) in 0..P
-    hist = torch.zeros(c, width + 1, dtype=torch.long, device=sims.device)
-    hist.scatter_add_(1, buckets, torch.ones(1, 1, dtype=torch.long, device=sims.device).expand_as(buckets))
-    return hist.flip(1).cumsum(1).flip(1)[:, 1:]
+    lowest = ascending[:, :1]
+    stride = max(1, sims.shape[1] // 1024)  # a cheap estimate of the share of items to bucket
+    sparse = bool((sims[:, ::stride] >= lowest).float().mean() < SPARSE_SHARE)
+    hist = torch.zeros(c * (width + 1), dtype=torch.long, device=sims.device)
+    if sparse:
+        rows, cols = torch.where(sims >= lowest)
+        buckets = torch.searchsorted(ascending[rows], sims[rows, cols].unsqueeze(1), right=True).squeeze(1)
+        hist.index_add_(0, rows * (width + 1) + buckets, torch.ones_like(buckets))
+    else:
+        buckets = torch.searchsorted(ascending, sims, right=True)  # (c, Nd) in 0..P
+        buckets += torch.arange(c, device=sims.device).unsqueeze(1) * (width + 1)
+        hist.index_add_(0, buckets.view(-1), torch.ones(1, dtype=torch.long, device=sims.device).expand(buckets.numel()))
+    return hist.view(c, width + 1).flip(1).cumsum(1).flip(1)[:, 1:]
 
 
 def positive_ranks(query: Tensor, db: Tensor, query_labels: Tensor, db_labels: Tensor, *, exclude_self: bool = False,
