@@ -18,6 +18,7 @@ from lib.evaluation.protocol import evaluate_settings
 from lib.extract import extract
 from lib.utils import autocast_context, resolve_amp
 from lib.losses import build_objective
+from lib.losses.base import ObjectiveSpec, parse_objective_spec
 from lib.modes import MODES
 from lib.models.net import RetrievalNet, set_batchnorm_eval
 
@@ -112,6 +113,24 @@ def accumulation_divisors(num_batches: int, update_every: int) -> List[int]:
     return out
 
 
+def compose_objectives(base: Sequence[ObjectiveSpec], extra: Sequence) -> List[ObjectiveSpec]:
+    """The mode's own objectives, then the user's (``--objective``). A user spec naming one of the
+    mode's objectives replaces it (``--objective absolute:2`` reweights it, ``mined_triplet:1:margin=0.2``
+    changes its parameters); weight 0 drops an objective (``--objective mined_triplet:0`` trains 'sym'
+    with the added objectives alone)."""
+    specs = [parse_objective_spec(s) for s in base]
+    for spec in map(parse_objective_spec, extra):
+        same = [k for k, b in enumerate(specs) if b.name == spec.name]
+        if same and same[0] < len(base):
+            specs[same[0]] = spec
+        else:
+            specs.append(spec)
+    specs = [s for s in specs if s.weight != 0]
+    if not specs:
+        raise ValueError("no objective left to train: every objective has weight 0")
+    return specs
+
+
 def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[RetrievalNet], paths: Sequence[str],
           labels: Sequence[int], *, validator: Optional[Validator], device: torch.device,
           teacher_device: torch.device, logger, cache: EmbeddingCache, dist_info: DistInfo = DistInfo(),
@@ -135,7 +154,7 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
                                      cache=cache, rank=dist_info.rank, world_size=dist_info.world_size)
     num_classes = int(torch.as_tensor(labels).max()) + 1
     specs_objectives = [build_objective(spec, embedding_dim=student.outputdim, num_classes=num_classes)
-                        for spec in mode.base_objectives() + list(cfg.objective)]
+                        for spec in compose_objectives(mode.base_objectives(), cfg.objective)]
     objectives = nn.ModuleList([obj for _, obj in specs_objectives]).to(device)
     names = _unique_names([spec.name for spec, _ in specs_objectives])
     weights = [spec.weight for spec, _ in specs_objectives]

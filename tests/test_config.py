@@ -33,8 +33,12 @@ def test_bad_config_names_the_problem(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_experiment_config_parses(path):
+    from lib.losses import build_objective
+
     cfg = make_config(read_yaml(path), source=str(path))
     assert isinstance(cfg, Config)
+    for spec in cfg.objective:  # every objective and parameter named in the file exists
+        build_objective(spec, embedding_dim=cfg.whitening or 32, num_classes=10)
 
 
 def test_multiscale_parsing_without_eval():

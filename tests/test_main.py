@@ -129,3 +129,27 @@ def test_teacher_cache_hit_or_miss_trains_the_same(tiny_dataset, tmp_path, monke
         main_module.main(tiny_args(tiny_dataset, tmp_path / name, "--teacher-path", str(teacher), "--epochs", "1"))
         histories.append(load_checkpoint(tmp_path / name / "checkpoint_last.pth")["history"])
     assert histories[0][0]["train/loss"] == histories[1][0]["train/loss"]
+
+
+def test_user_objectives_join_replace_or_drop_the_modes_own():
+    from lib.losses.base import ObjectiveSpec
+    from lib.trainer import compose_objectives
+
+    base = [ObjectiveSpec("absolute", 1.0), ObjectiveSpec("relative_st", 0.7)]
+    got = compose_objectives(base, ["ms:0.5:alpha=3", "relative_st:0.2", "triplet", "triplet:2"])
+    assert [(s.name, s.weight) for s in got] == [("absolute", 1.0), ("relative_st", 0.2), ("ms", 0.5),
+                                                 ("triplet", 1.0), ("triplet", 2.0)]
+    assert got[2].params == {"alpha": 3}
+    got = compose_objectives([ObjectiveSpec("mined_triplet", 1.0)], ["mined_triplet:0", "margin:1"])
+    assert [s.name for s in got] == ["margin"]
+    with pytest.raises(ValueError, match="weight 0"):
+        compose_objectives([ObjectiveSpec("absolute", 1.0)], ["absolute:0"])
+
+
+def test_sym_mode_with_a_dml_objective_alone(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    main_module.main(tiny_args(tiny_dataset, run, "--mode", "sym", "--epochs", "1", "--neg-num", "0",
+                               "--objective", "mined_triplet:0", "--objective", "margin:1:beta=1.2,miner=distance",
+                               "--samples-per-class", "2", "--test-datasets", ""))
+    state = load_checkpoint(run / "checkpoint_last.pth")
+    assert "train/margin" in state["history"][0] and "train/mined_triplet" not in state["history"][0]
