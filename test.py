@@ -12,7 +12,6 @@ teacher embeds the database at --teacher-image-size (asymmetric), or the student
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

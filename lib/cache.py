@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from lib.checkpoint import atomic_save, load_checkpoint, tensor_fingerprint

@@ -103,10 +103,6 @@ def tensor_fingerprint(state_dict: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["atomic_save", "load_checkpoint", "network_state", "network_from_state", "load_network",
-           "check_compatible", "tensor_fingerprint", "get_network"]
-
-
 def get_network(architecture: Optional[str] = None, path: Optional[str] = None, *, pooling: str = "gem",
                 whitening: int = 0, pretrained: bool = True, weights: Optional[str] = None,
                 image_size: Optional[int] = None, pretrained_dir: Optional[str] = None) -> RetrievalNet:
@@ -118,3 +114,7 @@ def get_network(architecture: Optional[str] = None, path: Optional[str] = None, 
     if not architecture:
         raise ValueError("give an architecture name or a checkpoint path")
     return build_network(architecture, pooling, whitening, pretrained=pretrained, weights=weights, image_size=image_size)
+
+
+__all__ = ["atomic_save", "load_checkpoint", "network_state", "network_from_state", "load_network",
+           "check_compatible", "tensor_fingerprint", "get_network"]

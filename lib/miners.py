@@ -21,7 +21,6 @@ computed without gradient. Sampling "proportionally to w" is done with the Gumbe
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch

@@ -1,7 +1,7 @@
 """A registry is a dict of named builders; its keys are the command-line vocabulary."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable
+from typing import Any, Callable, Iterable
 
 
 class Registry(dict):

@@ -28,7 +28,7 @@ def tiny_args(dataset: Path, run_dir: Path, *extra: str):
 
 @pytest.mark.parametrize("mode", ["ts_aug", "ts_reg", "sym"])
 def test_each_mode_trains_validates_and_tests(tiny_dataset, tmp_path, mode):
-    results = main_module.main(tiny_args(tiny_dataset, tmp_path / "run", "--mode", mode))
+    main_module.main(tiny_args(tiny_dataset, tmp_path / "run", "--mode", mode))
     run = tmp_path / "run"
     assert (run / "model_best.pth").is_file() and (run / "checkpoint_last.pth").is_file()
     table = json.loads((run / "results.json").read_text())["test"]

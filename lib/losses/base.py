@@ -14,7 +14,6 @@ import ast
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Union
 
-import torch
 from torch import Tensor, nn
 
 from lib.embeddings import Embeddings
