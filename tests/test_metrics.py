@@ -315,14 +315,17 @@ def test_parity_with_reference_protocol(seed, exclude_self):
         assert ours[f"R@{k}"] == pytest.approx(recall[j], abs=1e-9)
 
 
-@pytest.mark.parametrize("share", [0.0, 2.0], ids=["dense", "sparse"])
+@pytest.mark.parametrize("share, limit", [(0.0, 2**24), (2.0, 2**24), (2.0, 0)],
+                         ids=["dense", "sparse-row-search", "sparse-keyed-search"])
 @pytest.mark.parametrize("seed", range(3))
-def test_dense_and_sparse_bucketing_match_oracle(monkeypatch, seed, share):
-    """Both ways of counting the items above each positive (every item bucketed, or only those at or
-    above the lowest positive) give the oracle's numbers, ties included."""
+def test_dense_and_sparse_bucketing_match_oracle(monkeypatch, seed, share, limit):
+    """Every way of counting the items above each positive (every item bucketed, or only those at or
+    above the lowest positive, searched per row or in one keyed search) gives the oracle's numbers,
+    ties included."""
     from lib.evaluation import metrics
 
     monkeypatch.setattr(metrics, "SPARSE_SHARE", share)
+    monkeypatch.setattr(metrics, "ROW_SEARCH_LIMIT", limit)
     g = torch.Generator().manual_seed(seed)
     x = integer_embeddings(60, 4, 2, g)
     labels = random_labels(60, 7, g)
@@ -330,3 +333,26 @@ def test_dense_and_sparse_bucketing_match_oracle(monkeypatch, seed, share):
     expected = oracle_metrics(x, x, labels, labels, exclude_self=True)
     for name in METRICS:
         assert ours[name] == pytest.approx(expected[name], abs=1e-12), name
+
+
+@pytest.mark.parametrize("share, limit", [(0.0, 2**24), (2.0, 2**24), (2.0, 0)],
+                         ids=["dense", "sparse-row-search", "sparse-keyed-search"])
+def test_counts_at_or_above_against_brute_force(monkeypatch, share, limit):
+    """Signed zeros, equal scores, infinities and padding: the counts of items >= each positive score."""
+    from lib.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "SPARSE_SHARE", share)
+    monkeypatch.setattr(metrics, "ROW_SEARCH_LIMIT", limit)
+    g = torch.Generator().manual_seed(0)
+    sims = torch.randint(-3, 4, (5, 40), generator=g).float() / 2
+    sims[0, :6] = torch.tensor([-0.0, 0.0, -0.0, 0.5, float("-inf"), -1.5])
+    sims[4, :3] = -0.0  # equal to the positive score +0.0 of row 4, so counted at or above it
+    positives = [[0.0, -0.0, 1.5], [-0.0], [1.5, 1.5, 1.0, -1.5], [0.5], [-1.0, 0.0]]
+    width = max(map(len, positives))
+    ascending = torch.full((5, width), float("inf"))
+    for r, p in enumerate(positives):
+        ascending[r, :len(p)] = torch.tensor(sorted(p))
+    got = metrics._at_or_above(sims, ascending)
+    for r, p in enumerate(positives):
+        for k, score in enumerate(sorted(p)):
+            assert int(got[r, k]) == int((sims[r] >= score).sum()), (r, k)

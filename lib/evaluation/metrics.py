@@ -27,7 +27,8 @@ against its row's sorted positive scores; a per-row histogram of the buckets, su
 counts the items at or above each positive score; subtracting the positives there leaves the
 negatives. Items below a row's lowest positive score have bucket 0 and count for nothing: when a
 sample of the chunk says they are most of it (any embedding worth evaluating), only the others are
-located (``torch.where``) and bucketed. Cost: the GEMM, one comparison pass over the similarities,
+located (``torch.where``) and bucketed, each against its row's positives, or, when that copy
+would be large (large classes), by one search over all rows' positives keyed (row, score). Cost: the GEMM, one comparison pass over the similarities,
 and O(M log P) for the M items above the lowest positives (O(Nd log P) per query otherwise); memory
 about 5 bytes per similarity of a chunk (20 on the dense path). Runs on the device of the inputs, in
 float32.
@@ -42,6 +43,7 @@ from torch import Tensor
 
 GEMM_ROWS = 256  # query rows per similarity GEMM, aligned to the query index
 SPARSE_SHARE = 0.125  # bucket only the items at or above the lowest positive when they are fewer than this
+ROW_SEARCH_LIMIT = 2**24  # sparse path: items x P up to which each item searches a copy of its row
 
 
 def default_chunk_size(num_db: int, budget_bytes: int = 256 * 2**20) -> int:
@@ -66,6 +68,14 @@ def _check(query: Tensor, db: Tensor, query_labels: Tensor, db_labels: Tensor, e
         raise ValueError(f"exclude_self needs query i to be database item i: {len(query)} queries, {len(db)} items")
 
 
+def _row_score_keys(rows: Tensor, scores: Tensor) -> Tensor:
+    """int64 keys ordered as (row, score): the float32 bits made monotone (IEEE order as integers;
+    -0.0 first turned into +0.0, which it equals), shifted to be non-negative, below the row."""
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long() + 2**31
+    return rows.long() * 2**32 + bits
+
+
 def _at_or_above(sims: Tensor, ascending: Tensor) -> Tensor:
     """(c, P): #items with score >= ``ascending[:, k]`` (each row's positive scores ascending, +inf padding).
 
@@ -80,7 +90,13 @@ def _at_or_above(sims: Tensor, ascending: Tensor) -> Tensor:
     hist = torch.zeros(c * (width + 1), dtype=torch.long, device=sims.device)
     if sparse:
         rows, cols = torch.where(sims >= lowest)
-        buckets = torch.searchsorted(ascending[rows], sims[rows, cols].unsqueeze(1), right=True).squeeze(1)
+        if len(rows) * width <= ROW_SEARCH_LIMIT:  # each item searches its row's positives (a (items x P) copy)
+            buckets = torch.searchsorted(ascending[rows], sims[rows, cols].unsqueeze(1), right=True).squeeze(1)
+        else:  # large classes: one 1-D search over all rows' positives keyed (row, score), no copy
+            row_of_positive = torch.arange(c, device=sims.device).repeat_interleave(width)
+            found = torch.searchsorted(_row_score_keys(row_of_positive, ascending.reshape(-1)),
+                                       _row_score_keys(rows, sims[rows, cols]), right=True)
+            buckets = found - rows * width  # the positives of the earlier rows come first
         hist.index_add_(0, rows * (width + 1) + buckets, torch.ones_like(buckets))
     else:
         buckets = torch.searchsorted(ascending, sims, right=True)  # (c, Nd) in 0..P
