@@ -22,7 +22,7 @@ from lib.config import Config, load_config
 from lib.data.splits import DatasetSplit, load_split, parse_dataset_spec, trainval
 from lib.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from lib.evaluation.protocol import evaluate_settings, format_table
-from lib.extract import extract
+from lib.extract import cached_extract, extract
 from lib.logger import get_logger
 from lib.trainer import TrainResult, Validator, train
 from lib.utils import seed_everything, select_device, write_json
@@ -142,8 +142,6 @@ def final_test(cfg: Config, student_path: Path, teacher, *, device, run_dir: Pat
     """The result table on each test dataset: teacher (symmetric, high resolution), the naive asymmetric
     baseline (teacher on low-resolution queries against its high-resolution database), the student
     asymmetric (against the teacher's database) and symmetric."""
-    from lib.cache import network_fingerprint, paths_fingerprint
-
     student = load_network(str(student_path)).to(device)
     results = {}
     for spec in [d.strip() for d in cfg.test_datasets.split(",") if d.strip()]:
@@ -156,10 +154,8 @@ def final_test(cfg: Config, student_path: Path, teacher, *, device, run_dir: Pat
         settings = {f"student sym ({cfg.image_size}px)": ("student@low", "student@low")}
         if teacher is not None:
             teacher.to(device)
-            parts = dict(network=network_fingerprint(teacher), paths=paths_fingerprint(paths),
-                         image_size=cfg.teacher_image_size, transform="eval-8/7-center", scales=[1.0])
-            emb["teacher@high"] = cache.get_or_compute(parts, lambda: extract(
-                teacher, paths, cfg.teacher_image_size, progress=f"{spec} teacher@high", **common))
+            emb["teacher@high"] = cached_extract(cache, teacher, paths, cfg.teacher_image_size,
+                                                 progress=f"{spec} teacher@high", **common)
             emb["teacher@low"] = extract(teacher, paths, cfg.image_size, progress=f"{spec} teacher@low", **common)
             settings = {
                 f"teacher sym ({cfg.teacher_image_size}px)": ("teacher@high", "teacher@high"),

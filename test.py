@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from lib.cache import EmbeddingCache, network_fingerprint, paths_fingerprint
+from lib.cache import EmbeddingCache
 from lib.checkpoint import get_network
 from lib.data.splits import load_split, parse_dataset_spec
 from lib.evaluation.protocol import evaluate_settings, format_table
-from lib.extract import extract
+from lib.extract import cached_extract, extract
 from lib.models.pooling import POOLING
 from lib.utils import parse_scales, select_device, write_json
 
@@ -90,11 +90,9 @@ def main(argv=None) -> dict:
         embeddings = {"student": extract(student, paths, image_size, progress=f"{spec} student@{image_size}", **common)}
         settings = {}
         if teacher is not None:
-            parts = dict(network=network_fingerprint(teacher), dataset=name, subset=subset, root=str(split.root),
-                         paths=paths_fingerprint(paths), image_size=teacher_size, transform="eval-8/7-center",
-                         scales=scales)
-            embeddings["teacher"] = cache.get_or_compute(
-                parts, lambda: extract(teacher, paths, teacher_size, progress=f"{spec} teacher@{teacher_size}", **common))
+            embeddings["teacher"] = cached_extract(
+                cache, teacher, paths, teacher_size, key=dict(dataset=name, subset=subset, root=str(split.root)),
+                progress=f"{spec} teacher@{teacher_size}", **common)
             settings["asym"] = ("student", "teacher")
         if teacher is None or args.sym:
             settings["sym"] = ("student", "student")

@@ -67,4 +67,18 @@ def extract(net: RetrievalNet, paths: Sequence[str], image_size: int, *, device:
     return out
 
 
-__all__ = ["extract", "embed_batch", "multiscale_power"]
+def cached_extract(cache, net: RetrievalNet, paths: Sequence[str], image_size: int, *, scales: Sequence[float] = (1.0,),
+                   key: Optional[dict] = None, **kwargs) -> Tensor:
+    """:func:`extract` through an :class:`~lib.cache.EmbeddingCache` (``None``: no cache), keyed by the
+    network's content, the image list, the size, the eval transform, the scales and ``key``'s extras."""
+    from lib.cache import network_fingerprint, paths_fingerprint
+
+    compute = lambda: extract(net, paths, image_size, scales=scales, **kwargs)  # noqa: E731
+    if cache is None:
+        return compute()
+    parts = dict(network=network_fingerprint(net), paths=paths_fingerprint(paths), image_size=image_size,
+                 transform="eval-8/7-center", scales=list(scales), **(key or {}))
+    return cache.get_or_compute(parts, compute)
+
+
+__all__ = ["extract", "cached_extract", "embed_batch", "multiscale_power"]

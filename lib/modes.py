@@ -12,12 +12,12 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lib.cache import EmbeddingCache, network_fingerprint, paths_fingerprint
+from lib.cache import EmbeddingCache
 from lib.data.datasets import ImageList
 from lib.data.training import AugmentedImages, PairedViewDataset
 from lib.data.transforms import EvalTransform, PairedViews
 from lib.embeddings import Embeddings
-from lib.extract import extract
+from lib.extract import cached_extract, extract
 from lib.losses.base import ObjectiveSpec
 from lib.models.net import RetrievalNet
 from lib.registry import Registry
@@ -38,6 +38,7 @@ class Mode:
         self.cfg, self.teacher, self.device, self.teacher_device = cfg, teacher, device, teacher_device
         self.paths, self.labels = list(paths), torch.as_tensor(labels)
         self.rank, self.world_size = rank, world_size
+        self.cache = cache  # None: teacher embeddings are computed, not cached
         self.dataset = self.build_dataset(student)
         self.batch_sampler = self.build_sampler()
 
@@ -115,17 +116,11 @@ class TSAug(Mode):
 
 @MODES.register("ts_reg")
 class TSReg(Mode):
-    def __init__(self, *args, cache: Optional[EmbeddingCache] = None, **kwargs):
-        self._cache = cache or EmbeddingCache(None)
-        super().__init__(*args, cache=cache, **kwargs)
-
     def build_dataset(self, student):
         cfg, teacher = self.cfg, self.teacher
-        parts = dict(network=network_fingerprint(teacher), paths=paths_fingerprint(self.paths),
-                     image_size=cfg.teacher_image_size, transform="eval-8/7-center", scales=[1.0])
-        self.teacher_embeddings = self._cache.get_or_compute(parts, lambda: extract(
-            teacher, self.paths, cfg.teacher_image_size, device=self.teacher_device, workers=cfg.workers,
-            progress="teacher embeddings of the training images"))
+        self.teacher_embeddings = cached_extract(
+            self.cache, teacher, self.paths, cfg.teacher_image_size, device=self.teacher_device, workers=cfg.workers,
+            progress="teacher embeddings of the training images")
         dataset = ImageList(self.paths, self.labels.tolist(), EvalTransform(cfg.image_size, student.meta["mean"], student.meta["std"]))
         dataset.set_epoch = lambda epoch: None  # deterministic images: nothing to reseed
         return dataset

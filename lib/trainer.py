@@ -11,11 +11,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from lib.cache import EmbeddingCache, network_fingerprint, paths_fingerprint
+from lib.cache import EmbeddingCache
 from lib.checkpoint import atomic_save, check_compatible, load_checkpoint, network_state
 from lib.distributed import DistInfo, all_reduce_mean, barrier, gather_embeddings
 from lib.evaluation.protocol import evaluate_settings
-from lib.extract import extract
+from lib.extract import cached_extract, extract
 from lib.utils import autocast_context, resolve_amp
 from lib.losses import build_objective
 from lib.losses.base import ObjectiveSpec, parse_objective_spec
@@ -75,11 +75,9 @@ class Validator:
         self.cfg, self.paths, self.labels, self.device, self.name = cfg, list(paths), torch.as_tensor(labels), device, name
         self.teacher_embeddings = None
         if teacher is not None:
-            parts = dict(network=network_fingerprint(teacher), paths=paths_fingerprint(self.paths),
-                         image_size=cfg.teacher_image_size, transform="eval-8/7-center", scales=[1.0])
-            self.teacher_embeddings = cache.get_or_compute(parts, lambda: extract(
-                teacher, self.paths, cfg.teacher_image_size, device=teacher_device, workers=cfg.workers,
-                progress=f"teacher embeddings ({name})"))
+            self.teacher_embeddings = cached_extract(
+                cache, teacher, self.paths, cfg.teacher_image_size, device=teacher_device, workers=cfg.workers,
+                progress=f"teacher embeddings ({name})")
 
     def __call__(self, student: RetrievalNet) -> Dict[str, float]:
         embeddings = {"student": extract(student, self.paths, self.cfg.image_size, device=self.device,
