@@ -37,7 +37,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -65,18 +65,22 @@ DATASETS = Registry("dataset")
 class _DatasetInfo:
     folders: Tuple[str, ...]  # candidate dataset folders, relative to data_root or absolute
     cache: bool               # cache the built split as <splits_dir>/<name>.json
+    prepare: Optional[Callable[[Split, str], None]] = None  # makes a cached split's missing files (rendered data)
 
 
 _INFO: Dict[str, _DatasetInfo] = {}
 
 
-def register_dataset(name: str, *, folders: Sequence[str] | None = None, cache: bool = True) -> Callable:
+def register_dataset(name: str, *, folders: Sequence[str] | None = None, cache: bool = True,
+                     prepare: Optional[Callable[[Split, str], None]] = None) -> Callable:
     """Decorator registering ``builder(root, val_ratio) -> split dict`` under ``name``.
 
     ``root`` is the first of ``<data_root>/<folder>`` (``folders`` defaults to ``[name]``; an absolute
     folder is used as is) that exists, else the first candidate. The builder returns paths relative to
     ``root`` and may use :func:`carve_val` for the validation classes. With ``cache`` the split is written
-    to ``<splits_dir>/<name>.json`` on first use and read from there afterwards.
+    to ``<splits_dir>/<name>.json`` on first use and read from there afterwards. ``prepare(split, root)``,
+    for datasets that are made rather than read (rendered glyphs), writes the files a cached split lists
+    but ``root`` lacks, before the split is validated.
 
     >>> @register_dataset("my-shoes")
     ... def my_shoes(root, val_ratio):
@@ -87,7 +91,7 @@ def register_dataset(name: str, *, folders: Sequence[str] | None = None, cache: 
 
     def wrap(builder: Builder) -> Builder:
         DATASETS.register(name)(builder)
-        _INFO[name] = _DatasetInfo(tuple(folders or (name,)), cache)
+        _INFO[name] = _DatasetInfo(tuple(folders or (name,)), cache, prepare)
         return builder
 
     return wrap
@@ -392,6 +396,8 @@ def load_split(name: str, data_root: str = "data", val_ratio: float = 0.5,
         cached = load_split_json(cache_path)
         if _same_ratio(cached.get("val_ratio"), val_ratio):
             split, label = cached, f"cached split {os.fspath(cache_path)!r} (delete it to rebuild)"
+            if info.prepare is not None:
+                info.prepare(split, root)
     built = split is None
     if built:
         label = f"dataset {name!r}"
@@ -666,6 +672,23 @@ def build_fashion_mnist_mini(root: str, val_ratio: float) -> Split:
                             "train/val, 5-9 test; paths relative to data/fashion-mnist-mini")
     split["classes"] = list(FASHION_MNIST_CLASSES)
     return split
+
+
+# --- CJK glyphs (lib/data/glyphs.py) ------------------------------------------------------------
+
+def _materialize_glyphs(split: Split, root: str) -> None:
+    from lib.data.glyphs import materialize
+
+    materialize(split, root)
+
+
+@register_dataset("cjk-glyphs", prepare=_materialize_glyphs)
+def build_cjk_glyphs(root: str, val_ratio: float) -> Split:
+    """CJK ideographs drawn by 21 Debian fonts (:mod:`lib.data.glyphs`): 500 training characters (val
+    carved), 500 test characters, 14-21 drawings each at 128 px, rendered into ``root`` on first use."""
+    from lib.data.glyphs import build_glyph_split
+
+    return build_glyph_split(root, val_ratio)
 
 
 __all__ = [
