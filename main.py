@@ -21,7 +21,7 @@ from lib.checkpoint import get_network, load_network
 from lib.config import Config, load_config
 from lib.data.splits import DatasetSplit, load_split, parse_dataset_spec, trainval
 from lib.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
-from lib.evaluation.protocol import evaluate_settings, format_table
+from lib.evaluation.protocol import add_teacher_ratio, evaluate_settings, format_table
 from lib.extract import cached_extract, extract
 from lib.logger import get_logger
 from lib.trainer import TrainResult, Validator, train
@@ -163,7 +163,8 @@ def final_test(cfg: Config, student_path: Path, teacher, *, device, run_dir: Pat
                 f"student asym (S@{cfg.image_size} -> T@{cfg.teacher_image_size})": ("student@low", "teacher@high"),
                 f"student sym ({cfg.image_size}px)": ("student@low", "student@low"),
             }
-        metrics = evaluate_settings(emb, labels, settings)
+        metrics = add_teacher_ratio(evaluate_settings(emb, labels, settings),
+                                    next((k for k in settings if k.startswith("teacher sym")), None))
         results[spec] = metrics
         print()
         print(format_table(metrics, title=spec))

@@ -21,7 +21,7 @@ import torch
 from lib.cache import EmbeddingCache
 from lib.checkpoint import get_network
 from lib.data.splits import load_split, parse_dataset_spec
-from lib.evaluation.protocol import evaluate_settings, format_table
+from lib.evaluation.protocol import add_teacher_ratio, evaluate_settings, format_table
 from lib.extract import cached_extract, extract
 from lib.models.pooling import POOLING
 from lib.utils import parse_scales, select_device, write_json
@@ -93,15 +93,18 @@ def main(argv=None) -> dict:
             embeddings["teacher"] = cached_extract(
                 cache, teacher, paths, teacher_size, key=dict(dataset=name, subset=subset, root=str(split.root)),
                 progress=f"{spec} teacher@{teacher_size}", **common)
+            settings["teacher"] = ("teacher", "teacher")
             settings["asym"] = ("student", "teacher")
         if teacher is None or args.sym:
             settings["sym"] = ("student", "student")
-        metrics = evaluate_settings(embeddings, labels, settings, device=device)
+        metrics = add_teacher_ratio(evaluate_settings(embeddings, labels, settings, device=device),
+                                    "teacher" if teacher is not None else None)
         if args.clustering:
             from lib.evaluation.clustering import clustering_metrics
 
-            for setting in metrics:
-                metrics[setting].update(clustering_metrics(embeddings["student"], labels))
+            for setting, (query_key, db_key) in settings.items():
+                if query_key == db_key:  # k-means clusters one embedding: symmetric rows only
+                    metrics[setting].update(clustering_metrics(embeddings[db_key], labels))
         results["datasets"][spec] = metrics
         print(format_table(metrics, title=spec))
         print(f">> {spec}: {len(paths)} images, {time.time() - start:.1f}s"

@@ -242,7 +242,9 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
             if improved:
                 best_score, best_epoch = metrics["score"], epoch + 1
                 atomic_save(network_state(student, epoch=epoch + 1, val_metrics=metrics, mode=cfg.mode), best_path)
-            print(f">> {tag}epoch {epoch + 1}: loss {record['train/loss']:.4f}, val mAP {100 * metrics['score']:.2f}"
+            aligned = (f", student-teacher cos {metrics['asym/cos']:.3f}, self-R@1 {100 * metrics['asym/self-R@1']:.1f}"
+                       if "asym/cos" in metrics else "")
+            print(f">> {tag}epoch {epoch + 1}: loss {record['train/loss']:.4f}, val mAP {100 * metrics['score']:.2f}{aligned}"
                   f"{' (best)' if improved else f' (best {100 * best_score:.2f} at epoch {best_epoch})'}")
         elif dist_info.is_main:
             print(f">> {tag}epoch {epoch + 1}: loss {record['train/loss']:.4f}")

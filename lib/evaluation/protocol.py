@@ -10,13 +10,21 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor
 
+from lib.evaluation.alignment import alignment_metrics
 from lib.evaluation.metrics import retrieval_metrics
+
+#: alignment columns, present for settings whose query and database sides are different embeddings
+ALIGNMENT_COLUMNS = ("cos", "self-R@1")
 
 
 def evaluate_settings(embeddings: Mapping[str, Tensor], labels: Tensor,
                       settings: Mapping[str, Tuple[str, str]], *, ks: Sequence[int] = (1, 2, 4, 8),
                       chunk_size: Optional[int] = None, device=None) -> Dict[str, Dict[str, float]]:
-    """``{setting: metrics}`` for each ``setting: (query key, database key)`` of ``embeddings``."""
+    """``{setting: metrics}`` for each ``setting: (query key, database key)`` of ``embeddings``.
+
+    A setting whose two sides are different embeddings of the same images (asymmetric) also gets the
+    alignment figures of :mod:`lib.evaluation.alignment` (``cos``, ``self-R@1``, ``self-rank``).
+    """
     results = {}
     for name, (query_key, db_key) in settings.items():
         query, db = embeddings[query_key], embeddings[db_key]
@@ -24,12 +32,31 @@ def evaluate_settings(embeddings: Mapping[str, Tensor], labels: Tensor,
             query, db = query.to(device), db.to(device)
         lab = labels.to(query.device)
         results[name] = retrieval_metrics(query, db, lab, lab, exclude_self=True, ks=ks, chunk_size=chunk_size)
+        if query_key != db_key:
+            results[name].update(alignment_metrics(query, db, chunk_size=chunk_size))
     return results
 
 
-def format_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] = ("mAP", "R@1", "R@2", "R@4", "R@8", "mP@4", "MAP@R"),
+def add_teacher_ratio(results: Dict[str, Dict[str, float]], reference: Optional[str]) -> Dict[str, Dict[str, float]]:
+    """Add ``mAP/T`` and ``R@1/T`` (each row's mAP and R@1 as a share of row ``reference``'s, the teacher's
+    symmetric test) to every row; nothing when ``reference`` is None or absent."""
+    if reference is None or reference not in results:
+        return results
+    ref = results[reference]
+    for metrics in results.values():
+        for key in ("mAP", "R@1"):
+            if key in metrics and ref.get(key):
+                metrics[f"{key}/T"] = metrics[key] / ref[key]
+    return results
+
+
+def format_table(rows: Mapping[str, Mapping[str, float]],
+                 columns: Sequence[str] = ("mAP", "R@1", "R@2", "R@4", "R@8", "mP@4", "MAP@R", "mAP/T", "R@1/T",
+                                           *ALIGNMENT_COLUMNS),
                  title: str = "") -> str:
-    """A fixed-width table of percentages, one row per setting."""
+    """A fixed-width table of percentages, one row per setting (``mAP/T``: % of the teacher's symmetric mAP;
+    ``cos``: mean student-teacher cosine of the same image; ``self-R@1``: % of images whose nearest
+    database row is their own)."""
     present = [c for c in columns if any(c in r for r in rows.values())]
     width = max([len(title)] + [len(k) for k in rows]) + 2
     lines = [title.ljust(width) + "".join(c.rjust(8) for c in present)]
@@ -39,4 +66,4 @@ def format_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str]
     return "\n".join(lines)
 
 
-__all__ = ["evaluate_settings", "format_table"]
+__all__ = ["ALIGNMENT_COLUMNS", "add_teacher_ratio", "evaluate_settings", "format_table"]
