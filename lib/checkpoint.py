@@ -7,6 +7,7 @@ A *training* checkpoint adds optimizer, scheduler, scaler, epoch, RNG states and
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -103,6 +104,25 @@ def tensor_fingerprint(state_dict: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+#: metadata that says how a network was used, not what it computes: left out of its fingerprint
+_USAGE_META = ("checkpoint", "image_size", "teacher_fingerprint")
+
+
+def network_fingerprint(net: RetrievalNet) -> str:
+    """The identity of the embedding space a network computes: sha256 of its tensors (names, dtypes,
+    shapes, values) and of the metadata that defines its function (architecture, pooling, whitening,
+    mean, std, ...), leaving out where it was loaded from and the image size it was last used at.
+
+    A distilled student records its teacher's fingerprint (``teacher_fingerprint`` in its checkpoint);
+    a database index records the fingerprint of the network that embedded it; ``search.py`` compares
+    the two. (``lib.cache`` keys its embedding cache with a stricter hash of its own.)
+    """
+    meta = {k: v for k, v in net.meta.items() if k not in _USAGE_META}
+    digest = hashlib.sha256(tensor_fingerprint(net.state_dict()).encode())
+    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def get_network(architecture: Optional[str] = None, path: Optional[str] = None, *, pooling: str = "gem",
                 whitening: int = 0, pretrained: bool = True, weights: Optional[str] = None,
                 image_size: Optional[int] = None, pretrained_dir: Optional[str] = None) -> RetrievalNet:
@@ -117,4 +137,4 @@ def get_network(architecture: Optional[str] = None, path: Optional[str] = None, 
 
 
 __all__ = ["atomic_save", "load_checkpoint", "network_state", "network_from_state", "load_network",
-           "check_compatible", "tensor_fingerprint", "get_network"]
+           "check_compatible", "tensor_fingerprint", "network_fingerprint", "get_network"]

@@ -14,6 +14,10 @@ class NullLogger:
     def hparams(self, config: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         pass
 
+    def image(self, tag: str, image: Any, step: int) -> None:
+        """``image``: a PIL image or an (H, W, 3) uint8 array."""
+        pass
+
     def close(self) -> None:
         pass
 
@@ -30,6 +34,12 @@ class TensorBoardLogger(NullLogger):
 
     def text(self, tag: str, text: str) -> None:
         self.writer.add_text(tag, text)
+
+    def image(self, tag: str, image: Any, step: int) -> None:
+        import numpy as np
+
+        self.writer.add_image(tag, np.asarray(image.convert("RGB") if hasattr(image, "convert") else image),
+                              step, dataformats="HWC")
 
     def hparams(self, config: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         flat: Dict[str, Any] = {}
