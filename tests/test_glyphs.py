@@ -1,6 +1,7 @@
 """The CJK glyph dataset builder on a few characters and two fonts (Debian font packages, see .ci/run)."""
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +99,41 @@ def test_ci_installs_every_font_package():
     script = open(os.path.join(os.path.dirname(__file__), "..", ".ci", "run")).read()
     listed = set(script.split('DEBIAN_PACKAGES="', 1)[1].split('"', 1)[0].split())
     assert set(glyphs.PACKAGES) <= listed, sorted(set(glyphs.PACKAGES) - listed)
+
+
+# --- the embedded default: cjk-glyphs-mini --------------------------------------------------------
+
+def test_committed_glyph_mini_loads_without_fonts_and_is_a_slice_of_cjk_glyphs(tmp_path, monkeypatch):
+    from lib.data.splits import REPO_ROOT, load_split_json
+
+    monkeypatch.chdir(tmp_path)  # found through the repository, whatever the working directory
+    monkeypatch.setattr(glyphs, "GlyphRenderer", None)  # nothing may be rendered: every image is committed
+    ds = load_split("cjk-glyphs-mini")
+    assert Path(ds.root).resolve() == (REPO_ROOT / "data" / "cjk-glyphs-mini").resolve()
+    summary = ds.summary()
+    assert [summary[k]["classes"] for k in ("train", "val", "test")] == [60, 60, 80]
+    sizes = [len(c) for k in ("train", "val", "test") for c in ds.split[k]]
+    assert min(sizes) >= 6
+    full = load_split_json(REPO_ROOT / "splits" / "cjk-glyphs.json")
+    chars = ds.split["characters"]
+    assert chars[:120] == full["characters"][:120] and chars[120:] == full["characters"][500:580]
+    image = Image.open(ds.subset("test")[0][0])
+    assert image.size == (128, 128)
+    size = sum(p.stat().st_size for p in (REPO_ROOT / "data" / "cjk-glyphs-mini").rglob("*") if p.is_file())
+    assert size < 12e6
+
+
+@needs_fonts
+def test_glyph_mini_rebuilds_identically_from_the_record(tmp_path):
+    from lib.data.splits import REPO_ROOT, load_split_json
+
+    committed = load_split_json(REPO_ROOT / "splits" / "cjk-glyphs-mini.json")
+    sample = [cls[:1] for cls in committed["test"][:3]]  # one drawing of three characters, fonts as recorded
+    split = {**committed, "train": [], "val": [], "test": sample}
+    if glyphs.missing_fonts([f for f in FONTS if f.id in {p.split("/")[1][:-4] for c in sample for p in c}]):
+        pytest.skip("a font of the sample is not installed")
+    materialize(split, tmp_path)
+    for cls in sample:
+        for rel in cls:
+            assert np.array_equal(np.asarray(Image.open(tmp_path / rel)),
+                                  np.asarray(Image.open(REPO_ROOT / "data" / "cjk-glyphs-mini" / rel))), rel

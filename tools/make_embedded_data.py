@@ -10,6 +10,10 @@ validate), 5-9 test. Deterministic: the same input files give the same images an
 
     python tools/make_embedded_data.py                # from /usr/share/datasets/fashion-mnist
     python tools/make_embedded_data.py --source DIR   # another folder holding the four IDX files
+
+``--glyphs`` builds the embedded default ``cjk-glyphs-mini`` instead: ``data/cjk-glyphs-mini/<code point>/
+<font>.png`` and ``splits/cjk-glyphs-mini.json``, by the registered builder (``lib/data/splits.py``) from
+the record in ``splits/cjk-glyphs.json``; it needs the font packages that ``.ci/run`` installs.
 """
 from __future__ import annotations
 
@@ -90,14 +94,56 @@ def build(source_dirs, out_dir: Path, split_path: Path, per_class: int = 200, va
     return split
 
 
+GLYPHS_README = """\
+# cjk-glyphs-mini
+
+The default dataset of this toolkit, small enough to live in the repository: {train} training characters
+({val} of them validate at `val_ratio` 0.5) and {test} test characters of `cjk-glyphs`, every drawing that
+dataset has of them ({images} images, 14-21 per character), rendered at {size} px by
+`python tools/make_embedded_data.py --glyphs` from the record in `splits/cjk-glyphs.json`.
+A class is a character (folder: its code point), an image one font's drawing of it (file: the font).
+
+## Credit and licences
+
+The images are renderings of characters by these fonts from Debian's packages, each under its own
+licence (`/usr/share/doc/<package>/copyright` on a Debian system): {fonts}.
+"""
+
+
+def build_glyphs(out_dir: Path, split_path: Path) -> dict:
+    from lib.data.splits import GLYPHS_MINI, load_split
+
+    if out_dir != ROOT / "data" / GLYPHS_MINI or split_path != ROOT / "splits" / f"{GLYPHS_MINI}.json":
+        raise ValueError("--glyphs writes data/cjk-glyphs-mini and splits/cjk-glyphs-mini.json of this repository")
+    if out_dir.is_dir():
+        shutil.rmtree(out_dir)
+    split_path.unlink(missing_ok=True)
+    split = load_split(GLYPHS_MINI, str(ROOT / "data")).split
+    fonts = sorted({f"{f['id']} ({f['package']} {f['version']})" for f in split["fonts"]})
+    (out_dir / "README.md").write_text(GLYPHS_README.format(
+        train=len(split["train"]) + len(split["val"]), val=len(split["val"]), test=len(split["test"]),
+        images=sum(len(c) for k in ("train", "val", "test") for c in split[k]), size=split["recipe"]["size"],
+        fonts=", ".join(fonts)))
+    return split
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--glyphs", action="store_true", help="build cjk-glyphs-mini (the default) instead")
     parser.add_argument("--source", action="append", help="folder with the IDX files (repeatable); default: "
                         + ", ".join(FASHION_MNIST_SYSTEM_DIRS))
     parser.add_argument("--out", default=str(ROOT / "data" / MINI_NAME))
     parser.add_argument("--split", default=str(ROOT / "splits" / f"{MINI_NAME}.json"))
     parser.add_argument("--per-class", type=int, default=200)
     args = parser.parse_args(argv)
+    if args.glyphs:
+        from lib.data.splits import GLYPHS_MINI
+
+        out = ROOT / "data" / GLYPHS_MINI
+        split = build_glyphs(out, ROOT / "splits" / f"{GLYPHS_MINI}.json")
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        print(f"wrote {sum(len(c) for k in ('train', 'val', 'test') for c in split[k])} images to {out} ({size / 1e6:.2f} MB)")
+        return
     out = Path(args.out)
     for stale in [out / "images", *(out / mini_class_folder(c) for c in range(10))]:
         if stale.is_dir():

@@ -323,5 +323,37 @@ def materialize(split: dict, root: str | os.PathLike, name: str = "cjk-glyphs") 
     write_drawings(root, drawings, faces)
 
 
-__all__ = ["FONTS", "FontFace", "GLYPH_SIZE", "GlyphRecipe", "GlyphRenderer", "PACKAGES", "build_glyph_split",
+def build_glyph_subset(root: str | os.PathLike, val_ratio: float, source: dict, *, num_train: int, num_test: int,
+                       size: int, name: str) -> dict:
+    """A smaller copy of a glyph split: its first ``num_train`` training characters (validation carved at
+    ``val_ratio``) and first ``num_test`` test characters, every drawing the source lists, at ``size`` px.
+
+    Rendered from the source's own record (characters, fonts), so it needs no selection pass; images
+    already in ``root`` are kept (the committed embedded copy needs no font at all).
+    """
+    from lib.data.splits import carve_val
+
+    chars, first_test = source["characters"], int(source["recipe"]["num_train"])
+    classes = list(source["train"]) + list(source["val"] or []) + list(source["test"])
+    if num_train > first_test or num_test > len(chars) - first_test:
+        raise ValueError(f"{name}: the source has {first_test} training and {len(chars) - first_test} test characters; "
+                         f"asked for {num_train} and {num_test}")
+    picked = list(range(num_train)) + list(range(first_test, first_test + num_test))
+    subset = [[rel for rel in classes[i]] for i in picked]
+    train, val = carve_val(subset[:num_train], val_ratio)
+    split = {
+        "description": (f"{num_train} training and {num_test} test characters of {source.get('name', 'cjk-glyphs')}, "
+                        f"all their drawings, at {size} px (lib/data/glyphs.py: build_glyph_subset)"),
+        "train": train, "val": val, "test": subset[num_train:], "val_ratio": float(val_ratio),
+        "characters": "".join(chars[i] for i in picked),
+        "recipe": {**source["recipe"], "size": int(size), "num_train": num_train, "num_test": num_test},
+        "source": source.get("name", "cjk-glyphs"),
+        "fonts": source["fonts"],
+        "renderer": _render_versions(),
+    }
+    materialize(split, root, name)
+    return split
+
+
+__all__ = ["FONTS", "FontFace", "GLYPH_SIZE", "GlyphRecipe", "GlyphRenderer", "PACKAGES", "build_glyph_split", "build_glyph_subset",
            "class_folder", "materialize", "own_glyphs", "select_characters", "write_drawings"]

@@ -691,6 +691,22 @@ def build_cjk_glyphs(root: str, val_ratio: float) -> Split:
     return build_glyph_split(root, val_ratio)
 
 
+GLYPHS_MINI = "cjk-glyphs-mini"
+
+
+@register_dataset(GLYPHS_MINI, folders=(GLYPHS_MINI, os.fspath(REPO_ROOT / "data" / GLYPHS_MINI)),
+                  prepare=_materialize_glyphs)
+def build_cjk_glyphs_mini(root: str, val_ratio: float) -> Split:
+    """The embedded default: 120 training characters (val carved: 60 train, 60 validate at 0.5) and 80
+    test characters of ``cjk-glyphs``, all their 14-21 drawings, at 128 px, committed under
+    ``data/cjk-glyphs-mini`` (``tools/make_embedded_data.py --glyphs``); rebuilt from
+    ``splits/cjk-glyphs.json``'s record (fonts needed only for images that are missing)."""
+    from lib.data.glyphs import build_glyph_subset
+
+    source = load_split_json(SPLITS_DIR / "cjk-glyphs.json")
+    return build_glyph_subset(root, val_ratio, source, num_train=120, num_test=80, size=128, name=GLYPHS_MINI)
+
+
 __all__ = [
     "DATASETS", "IMAGE_EXTENSIONS", "SPLITS_DIR", "DatasetSplit", "FASHION_MNIST_CLASSES", "carve_val", "load_split", "load_split_json",
     "parse_dataset_spec", "read_idx", "recarve", "register_dataset", "save_split_json", "split_summary",
