@@ -21,6 +21,7 @@ from lib.checkpoint import get_network, load_network
 from lib.config import Config, load_config
 from lib.data.splits import DatasetSplit, load_split, parse_dataset_spec, trainval
 from lib.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
+from lib.evaluation.cost import add_query_cost, format_cost_table, query_costs
 from lib.evaluation.protocol import add_teacher_ratio, evaluate_settings, format_table
 from lib.extract import cached_extract, extract
 from lib.logger import get_logger
@@ -122,8 +123,9 @@ def get_teacher(cfg: Config, split: DatasetSplit, run_dir: Path, **kw):
         return None
     teacher_dir = run_dir / "teacher"
     tcfg = cfg.replace(mode="sym", image_size=cfg.teacher_image_size, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
-                       objective=[], student_path=None, directory=str(teacher_dir), samples_per_class=0,
-                       resume_student=None, optimize=False)
+                       objective=[], student_path=None, directory=str(teacher_dir), batch_size=cfg.teacher_batch_size,
+                       samples_per_class=cfg.samples_per_class or 4, neg_num=cfg.teacher_neg_num, resume_student=None, optimize=False,
+                       student_init="auto")
     best = teacher_dir / "model_best.pth"
     last = teacher_dir / "checkpoint_last.pth"
     if last.is_file() and torch.load(last, map_location="cpu", weights_only=True).get("epoch") == tcfg.epochs:
@@ -144,6 +146,8 @@ def final_test(cfg: Config, student_path: Path, teacher, *, device, run_dir: Pat
     asymmetric (against the teacher's database) and symmetric."""
     student = load_network(str(student_path)).to(device)
     results = {}
+    costs = query_costs({"student@low": (student, cfg.image_size), "teacher@high": (teacher, cfg.teacher_image_size),
+                         "teacher@low": (teacher, cfg.image_size)})  # each row's query network: params, GFLOPs, CPU ms
     for spec in [d.strip() for d in cfg.test_datasets.split(",") if d.strip()]:
         name, subset = parse_dataset_spec(spec)
         subset = "test" if subset == "train" else subset
@@ -165,9 +169,10 @@ def final_test(cfg: Config, student_path: Path, teacher, *, device, run_dir: Pat
             }
         metrics = add_teacher_ratio(evaluate_settings(emb, labels, settings),
                                     next((k for k in settings if k.startswith("teacher sym")), None))
-        results[spec] = metrics
+        results[spec] = add_query_cost(metrics, settings, costs)
         print()
         print(format_table(metrics, title=spec))
+        print(format_cost_table(metrics, title="query-side cost (1 thread CPU, batch 1)"))
     return results
 
 

@@ -3,7 +3,7 @@
 
     python test.py --student-path runs/default/student/model_best.pth \
                    --teacher-path runs/default/teacher/model_best.pth \
-                   --datasets fashion-mnist-mini-test --image-size 32 --teacher-image-size 64 --sym
+                   --datasets cjk-glyphs-mini-test --image-size 32 --teacher-image-size 64 --sym
 
 Every test image queries all other test images; the student embeds the queries at --image-size, the
 teacher embeds the database at --teacher-image-size (asymmetric), or the student embeds both
@@ -21,6 +21,7 @@ import torch
 from lib.cache import EmbeddingCache
 from lib.checkpoint import get_network
 from lib.data.splits import load_split, parse_dataset_spec
+from lib.evaluation.cost import add_query_cost, cost_summary, format_cost_table, query_costs
 from lib.evaluation.protocol import add_teacher_ratio, evaluate_settings, format_table
 from lib.extract import cached_extract, extract
 from lib.models.pooling import POOLING
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whitening", "-w", default=0, type=int, help="whitening dimension for --student/--teacher (0: none)")
     p.add_argument("--not-pretrained", dest="pretrained", action="store_false", help="random weights for --student/--teacher")
     p.add_argument("--weights", default=None, help="local ImageNet state dict for --student/--teacher")
-    p.add_argument("--datasets", "-d", default="fashion-mnist-mini-test", help="comma-separated datasets (name[-test|-val])")
+    p.add_argument("--datasets", "-d", default="cjk-glyphs-mini-test", help="comma-separated datasets (name[-test|-val])")
     p.add_argument("--data-root", default="data", help="folder holding the datasets")
     p.add_argument("--image-size", "-imsize", default=None, type=int, help="query (student) size; default: the student's training size")
     p.add_argument("--teacher-image-size", "-timsize", default=None, type=int, help="database (teacher) size; default: the teacher's training size")
@@ -53,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-ratio", default=0.5, type=float, help="validation share of training classes (for -val datasets)")
     p.add_argument("--clustering", action="store_true", help="also report NMI and F1 (k-means)")
     p.add_argument("--output", default=None, help="results JSON (default: test_results.json beside the student checkpoint, else in .)")
+    p.add_argument("--visualize", default=0, type=int, metavar="N",
+                   help="write a grid PNG of N sample queries with their top results (asym and sym side by side) "
+                        "and a precision-recall PNG per setting, next to the JSON")
+    p.add_argument("--visualize-k", default=5, type=int, help="results per query in the grid")
+    p.add_argument("--cost-threads", default=1, type=int, help="CPU threads for the query-cost latency (batch 1)")
+    p.add_argument("--no-cost", dest="cost", action="store_false", help="skip the query-cost columns")
     return p
 
 
@@ -80,6 +87,12 @@ def main(argv=None) -> dict:
     results = {"student": student.meta.get("checkpoint", args.student), "image_size": image_size,
                "teacher": (teacher.meta.get("checkpoint", args.teacher) if teacher else None),
                "teacher_image_size": teacher_size, "multiscale": scales, "datasets": {}}
+    output = args.output or (Path(args.student_path).parent / "test_results.json"
+                             if args.student_path and Path(args.student_path).is_file() else "test_results.json")
+    costs = query_costs({"student": (student, image_size), "teacher": (teacher, teacher_size)},
+                        threads=args.cost_threads) if args.cost else {}
+    if costs:
+        results["cost"] = costs
     for spec in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         start = time.time()
         name, subset = parse_dataset_spec(spec)
@@ -105,13 +118,25 @@ def main(argv=None) -> dict:
             for setting, (query_key, db_key) in settings.items():
                 if query_key == db_key:  # k-means clusters one embedding: symmetric rows only
                     metrics[setting].update(clustering_metrics(embeddings[db_key], labels))
+        add_query_cost(metrics, settings, costs)
         results["datasets"][spec] = metrics
         print(format_table(metrics, title=spec))
+        if costs:
+            print(format_cost_table(metrics, title=f"query-side cost ({args.cost_threads} thread CPU, batch 1)"))
+        if args.visualize > 0:
+            from lib.evaluation.visualize import write_figures
+
+            grid = {k: v for k, v in (("asym", ("student", "teacher")), ("sym", ("student", "student"))) if v[1] in embeddings}
+            figures = write_figures(Path(output).with_name(f"{Path(output).stem}-{Path(spec).name}"), embeddings, labels,
+                                    paths, grid, {**settings, **grid}, {"student": image_size, "teacher": teacher_size},
+                                    num_queries=args.visualize, k=args.visualize_k, metrics=metrics)
+            results.setdefault("figures", {})[spec] = figures
+            print(f">> pictures: {', '.join(figures)}")
         print(f">> {spec}: {len(paths)} images, {time.time() - start:.1f}s"
               + (f", teacher cache {'hit' if cache.hits else 'miss'}" if teacher is not None else ""))
         cache.hits = cache.misses = 0
-    output = args.output or (Path(args.student_path).parent / "test_results.json"
-                             if args.student_path and Path(args.student_path).is_file() else "test_results.json")
+    if "student" in costs and "teacher" in costs:
+        print(">> " + cost_summary(costs["student"], costs["teacher"]))
     write_json(results, output)
     print(f">> results written to {output}")
     return results

@@ -24,8 +24,8 @@ def opt(default, help: str, short: Optional[str] = None, choices: Optional[Seque
 @dataclass
 class Config:
     # data
-    training_dataset: str = opt("fashion-mnist-mini", "training dataset: a registered name, a split JSON or a class-folder", "-d")
-    test_datasets: str = opt("fashion-mnist-mini-test", "comma-separated test datasets", "-td")
+    training_dataset: str = opt("cjk-glyphs-mini", "training dataset: a registered name, a split JSON or a class-folder", "-d")
+    test_datasets: str = opt("cjk-glyphs-mini-test", "comma-separated test datasets", "-td")
     data_root: str = opt("data", "folder holding the datasets")
     val_ratio: float = opt(0.5, "share of the training classes held out for validation")
     directory: Optional[str] = opt(None, "run directory (default: runs/<dataset>-<mode>-<time>)")
@@ -39,12 +39,21 @@ class Config:
     teacher_path: Optional[str] = opt(None, "teacher checkpoint (file, pretrained/ name or published name)", "-tpath")
     train_teacher: bool = opt(True, "without --teacher/--teacher-path in a ts mode, first train a teacher in 'sym' "
                                     "mode at --teacher-image-size from the student's architecture")
-    teacher_epochs: int = opt(4, "epochs of that teacher training")
+    teacher_epochs: int = opt(6, "epochs of that teacher training")
+    teacher_neg_num: int = opt(0, "mined negatives per anchor in that teacher training (0: the other classes of the "
+                                  "batch, 7 at the default batch)")
+    teacher_batch_size: int = opt(32, "images per batch of that teacher training (classes x --samples-per-class, "
+                                      "4 when that is 0)")
     teacher_lr: float = opt(3e-4, "learning rate of that teacher training")
     pool: str = opt("gem", "pooling", "-p", choices=("gem", "gemmp", "mac", "spoc", "rmac"))
     whitening: int = opt(128, "embedding dimension of the learnable whitening (0: none)", "-w")
     pretrained: bool = opt(True, "--not-pretrained: random initial weights instead of ImageNet's", flag="--not-pretrained")
     weights: Optional[str] = opt(None, "local ImageNet state dict for the backbones")
+    student_init: str = opt("auto", "where the student starts: 'teacher' (copy its weights; same architecture), 'regress' "
+                                    "(whitening fitted onto the teacher's embeddings), 'pca' (whitening from the data, "
+                                    "'sym'), 'auto' (teacher if the architectures match, else regress; pca in 'sym'), "
+                                    "'none' (ImageNet backbone, random whitening: the paper)",
+                            choices=("auto", "teacher", "regress", "pca", "none"))
     freeze_bn: bool = opt(True, "freeze BatchNorm running statistics (--no-freeze-bn to update them)")
     # method
     mode: str = opt("ts_aug", "training mode", "-m", choices=("ts_aug", "ts_reg", "sym"))
@@ -52,13 +61,14 @@ class Config:
     lam_1: float = opt(0.7, "weight of the student-teacher relative term ('ts_aug')")
     lam_2: float = opt(0.7, "weight of the student-student relative term ('ts_aug')")
     objective: List[str] = opt([], "extra objective name[:weight][:k=v,...] (repeatable); see README", action="append")
-    image_size: int = opt(32, "student (query) image size")
-    teacher_image_size: int = opt(64, "teacher (database) image size")
+    image_size: int = opt(96, "student (query) image size")
+    teacher_image_size: int = opt(128, "teacher (database) image size")
     neg_num: int = opt(4, "distance-weighted negatives per query ('sym'; 0: in-batch negatives only)", "-nn")
-    pos_num: int = opt(8, "views per image ('ts_aug')", "-pn")
+    pos_num: int = opt(4, "views per image ('ts_aug'; the paper: 8)", "-pn")
     query_size: int = opt(8000, "images per epoch", "-qs")
     pool_size: int = opt(20000, "negative-mining pool size ('sym')", "-ps")
     samples_per_class: int = opt(0, "class-balanced batches with K images per class (0: plain shuffling; 'sym' uses 4)")
+    crop_scale: float = opt(0.08, "smallest area share of the random crop of 'ts_aug' views (1: the whole image)")
     mixup_alpha: float = opt(0.2, "Beta(a, a) of the mixup in 'ts_aug' (0: off)")
     # optimisation
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
@@ -67,7 +77,7 @@ class Config:
     amp: str = opt("auto", "autocast: auto (bf16 on CUDA when supported, else fp16), bf16, fp16, none", choices=("auto", "bf16", "fp16", "none"))
     channels_last: bool = opt(True, "channels_last memory format on CUDA")
     workers: int = opt(2, "data-loading workers", "-j")
-    epochs: int = opt(6, "epochs")
+    epochs: int = opt(3, "epochs")
     batch_size: int = opt(8, "images per batch (each gives --pos-num views in 'ts_aug')", "-b")
     update_every: int = opt(1, "optimizer step every N batches (gradient accumulation)", "-u")
     optimizer: str = opt("adamW", "optimizer", "-o", choices=("sgd", "adam", "adamW"))
@@ -123,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             ftype = {int: int, float: float}.get(type(default), str)
             if f.name in ("lr", "loss_margin", "lam_1", "lam_2", "weight_decay", "momentum", "val_ratio",
-                          "teacher_lr", "mixup_alpha"):
+                          "teacher_lr", "mixup_alpha", "crop_scale"):
                 ftype = float
             parser.add_argument(*names, type=ftype, choices=meta.get("choices"), **kwargs)
     return parser

@@ -23,21 +23,24 @@ def multiscale_power(net: RetrievalNet, scales: Sequence[float]) -> float:
 
 
 @torch.no_grad()
-def embed_batch(net: RetrievalNet, images: Tensor, scales: Sequence[float] = (1.0,), power: float = 1.0) -> Tensor:
+def embed_batch(net: RetrievalNet, images: Tensor, scales: Sequence[float] = (1.0,), power: float = 1.0,
+                pooled: bool = False) -> Tensor:
+    forward = net.pooled if pooled else net
     if len(scales) == 1 and scales[0] == 1:
-        return net(images).float()
+        return forward(images).float()
     total = 0
     for s in scales:
         x = images if s == 1 else F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
-        total = total + net(x).float().pow(power)  # non-negative whenever power != 1 (plain GeM)
+        total = total + forward(x).float().pow(power)  # non-negative whenever power != 1 (plain GeM)
     return F.normalize((total / len(scales)).pow(1.0 / power), dim=-1)
 
 
 @torch.no_grad()
 def extract(net: RetrievalNet, paths: Sequence[str], image_size: int, *, device: torch.device | str = "cpu",
             batch_size: int = 64, workers: int = 0, scales: Sequence[float] = (1.0,), amp: Optional[str] = None,
-            channels_last: bool = False, progress: Optional[str] = None) -> Tensor:
-    """Embeddings (N, D) float32 on the CPU of ``paths`` with ``net``'s own mean/std at ``image_size``."""
+            channels_last: bool = False, progress: Optional[str] = None, pooled: bool = False) -> Tensor:
+    """Embeddings (N, D) float32 on the CPU of ``paths`` with ``net``'s own mean/std at ``image_size``
+    (``pooled``: the L2-normalised pooled descriptors that enter the whitening, (N, num_features))."""
     device = torch.device(device)
     transform = EvalTransform(image_size, net.meta["mean"], net.meta["std"])
     loader = DataLoader(ImageList(list(paths), transform=transform), batch_size=batch_size, shuffle=False,
@@ -48,7 +51,7 @@ def extract(net: RetrievalNet, paths: Sequence[str], image_size: int, *, device:
     was_training = net.training
     net.eval()
     power = multiscale_power(net, scales)
-    out = torch.empty(len(paths), net.outputdim)
+    out = torch.empty(len(paths), int(net.meta["num_features"]) if pooled else net.outputdim)
     iterator = loader
     if progress:
         from tqdm.auto import tqdm
@@ -60,7 +63,7 @@ def extract(net: RetrievalNet, paths: Sequence[str], image_size: int, *, device:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp):
-            vecs = embed_batch(net, images, scales, power)
+            vecs = embed_batch(net, images, scales, power, pooled)
         out[start : start + len(vecs)] = vecs.float().cpu()
         start += len(vecs)
     net.train(was_training)

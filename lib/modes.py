@@ -92,7 +92,8 @@ class TSAug(Mode):
     def build_dataset(self, student):
         cfg, teacher = self.cfg, self.teacher
         views = PairedViews([cfg.image_size, cfg.teacher_image_size],
-                            [(student.meta["mean"], student.meta["std"]), (teacher.meta["mean"], teacher.meta["std"])])
+                            [(student.meta["mean"], student.meta["std"]), (teacher.meta["mean"], teacher.meta["std"])],
+                            scale=(cfg.crop_scale, 1.0))
         return PairedViewDataset(self.paths, self.labels.tolist(), views, cfg.pos_num, cfg.mixup_alpha, cfg.seed)
 
     def base_objectives(self):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lib.cache import EmbeddingCache
-from lib.checkpoint import atomic_save, check_compatible, load_checkpoint, network_state
+from lib.checkpoint import atomic_save, check_compatible, load_checkpoint, network_fingerprint, network_state
 from lib.distributed import DistInfo, all_reduce_mean, barrier, gather_embeddings
 from lib.evaluation.protocol import evaluate_settings
 from lib.extract import cached_extract, extract
@@ -20,6 +20,7 @@ from lib.utils import autocast_context, resolve_amp
 from lib.losses import build_objective
 from lib.losses.base import ObjectiveSpec, parse_objective_spec
 from lib.modes import MODES
+from lib.student_init import initialise_student
 from lib.models.net import RetrievalNet, set_batchnorm_eval
 
 
@@ -87,10 +88,23 @@ class Validator:
             embeddings["teacher"] = self.teacher_embeddings
             settings = {"asym": ("student", "teacher"), **settings}
         results = evaluate_settings(embeddings, self.labels, settings, ks=(1, 2, 4, 8))
+        self.last = (embeddings, settings)  # for log_images
         flat = {f"{setting}/{metric}": value for setting, metrics in results.items() for metric, value in metrics.items()
                 if isinstance(value, float)}
         flat["score"] = flat["asym/mAP"] if "asym/mAP" in flat else flat["sym/mAP"]
         return flat
+
+    def log_images(self, logger, step: int, num_queries: int = 6, k: int = 5) -> None:
+        """The retrieval grid of the last validation (asym and sym side by side) as a TensorBoard image."""
+        from lib.evaluation.visualize import retrieval_figure
+        from lib.logger import NullLogger
+
+        if type(logger) is NullLogger or getattr(self, "last", None) is None:  # nothing would show it
+            return
+        embeddings, settings = self.last
+        sizes = {"student": self.cfg.image_size, "teacher": self.cfg.teacher_image_size}
+        logger.image(f"val/retrieval ({self.name})", retrieval_figure(embeddings, self.labels, self.paths, settings, sizes,
+                                                                      num_queries=num_queries, k=k), step)
 
 
 @dataclass
@@ -100,6 +114,7 @@ class TrainResult:
     best_path: Path
     last_path: Path
     history: List[Dict[str, float]] = field(default_factory=list)
+    start_val: Optional[Dict[str, float]] = None  # validation before the first step
 
 
 def accumulation_divisors(num_batches: int, update_every: int) -> List[int]:
@@ -148,6 +163,12 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
     if cfg.channels_last and device.type == "cuda":
         student.to(memory_format=torch.channels_last)
 
+    # the space the student is distilled into, recorded in its checkpoints for search.py's pairing check
+    paired = {"teacher_fingerprint": network_fingerprint(teacher)} if teacher is not None else {}
+    if not resume and not cfg.student_path and dist_info.is_main:  # DDP then broadcasts rank 0's weights
+        print(">> " + tag + initialise_student(cfg.student_init, student, teacher, paths, labels, image_size=cfg.image_size,
+                                               teacher_image_size=cfg.teacher_image_size, device=device,
+                                               teacher_device=teacher_device, workers=cfg.workers, cache=cache))
     mode = MODES.get_class(cfg.mode)(cfg, student, teacher, paths, labels, device=device, teacher_device=teacher_device,
                                      cache=cache, rank=dist_info.rank, world_size=dist_info.world_size)
     num_classes = int(torch.as_tensor(labels).max()) + 1
@@ -192,6 +213,16 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
         if dist_info.is_main:
             print(f">> resumed {resume} at epoch {start_epoch}/{cfg.epochs}")
 
+    if resume:
+        start_val = state.get("start_val")
+    elif validator is not None and dist_info.is_main:
+        # where training starts, so a run shows whether it improves on its initialisation
+        start_val = validator(student)
+        validator.log_images(logger, 0)
+        logger.scalars({f"val/{k}": v for k, v in start_val.items()}, 0)
+        print(f">> {tag}epoch 0 (start): val mAP {100 * start_val['score']:.2f}{_alignment_note(start_val)}")
+    else:
+        start_val = None
     loader_kwargs = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                          persistent_workers=False)
     global_step = start_epoch * steps_per_epoch
@@ -237,25 +268,26 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
         validate = validator is not None and ((epoch + 1) % cfg.val_freq == 0 or epoch + 1 == cfg.epochs)
         if validate and dist_info.is_main:
             metrics = validator(student)
+            validator.log_images(logger, epoch + 1)
             record.update({f"val/{k}": v for k, v in metrics.items()})
             improved = best_score is None or metrics["score"] > best_score
             if improved:
                 best_score, best_epoch = metrics["score"], epoch + 1
-                atomic_save(network_state(student, epoch=epoch + 1, val_metrics=metrics, mode=cfg.mode), best_path)
-            aligned = (f", student-teacher cos {metrics['asym/cos']:.3f}, self-R@1 {100 * metrics['asym/self-R@1']:.1f}"
-                       if "asym/cos" in metrics else "")
-            print(f">> {tag}epoch {epoch + 1}: loss {record['train/loss']:.4f}, val mAP {100 * metrics['score']:.2f}{aligned}"
+                atomic_save(network_state(student, epoch=epoch + 1, val_metrics=metrics, mode=cfg.mode, **paired),
+                            best_path)
+            print(f">> {tag}epoch {epoch + 1}: loss {record['train/loss']:.4f}, val mAP {100 * metrics['score']:.2f}"
+                  f"{_alignment_note(metrics)}"
                   f"{' (best)' if improved else f' (best {100 * best_score:.2f} at epoch {best_epoch})'}")
         elif dist_info.is_main:
             print(f">> {tag}epoch {epoch + 1}: loss {record['train/loss']:.4f}")
         if validator is None and dist_info.is_main:
-            atomic_save(network_state(student, epoch=epoch + 1, mode=cfg.mode), best_path)  # no val: the last epoch
+            atomic_save(network_state(student, epoch=epoch + 1, mode=cfg.mode, **paired), best_path)  # no val: the last epoch
         history.append(record)
         if dist_info.is_main:
             logger.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch + 1)
             if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs:
                 atomic_save(_training_state(cfg, student, objectives, optimizer, scheduler, scaler, epoch + 1,
-                                            best_score, best_epoch, history), last_path)
+                                            best_score, best_epoch, history, start_val, **paired), last_path)
         barrier(dist_info)
         if trial is not None and validate:
             trial.report(record["val/score"], epoch + 1)
@@ -263,12 +295,20 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
                 import optuna
 
                 raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
-    return TrainResult(best_score, best_epoch, best_path, last_path, history)
+    return TrainResult(best_score, best_epoch, best_path, last_path, history, start_val)
 
 
-def _training_state(cfg, student, objectives, optimizer, scheduler, scaler, epoch, best_score, best_epoch, history):
+def _alignment_note(metrics: Dict[str, float]) -> str:
+    if "asym/cos" not in metrics:
+        return ""
+    return f", student-teacher cos {metrics['asym/cos']:.3f}, self-R@1 {100 * metrics['asym/self-R@1']:.1f}"
+
+
+def _training_state(cfg, student, objectives, optimizer, scheduler, scaler, epoch, best_score, best_epoch, history,
+                    start_val=None, **extra):
     return network_state(
         student, mode=cfg.mode, epoch=epoch, best_score=best_score, best_epoch=best_epoch, history=history,
+        start_val=start_val, **extra,
         objectives=objectives.state_dict(), optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict() if scheduler is not None else None, scaler=scaler.state_dict(),
         rng={"torch": torch.get_rng_state(),

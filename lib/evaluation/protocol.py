@@ -59,9 +59,10 @@ def format_table(rows: Mapping[str, Mapping[str, float]],
     database row is their own)."""
     present = [c for c in columns if any(c in r for r in rows.values())]
     width = max([len(title)] + [len(k) for k in rows]) + 2
-    lines = [title.ljust(width) + "".join(c.rjust(8) for c in present)]
+    cell = {c: max(8, len(c) + 1) for c in present}
+    lines = [title.ljust(width) + "".join(c.rjust(cell[c]) for c in present)]
     for name, metrics in rows.items():
-        cells = "".join((f"{100 * metrics[c]:.2f}" if c in metrics else "-").rjust(8) for c in present)
+        cells = "".join((f"{100 * metrics[c]:.2f}" if c in metrics else "-").rjust(cell[c]) for c in present)
         lines.append(name.ljust(width) + cells)
     return "\n".join(lines)
 

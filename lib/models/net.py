@@ -37,6 +37,10 @@ class RetrievalNet(nn.Module):
             raw = self.whiten(F.normalize(pooled, dim=-1).to(self.whiten.weight.dtype)).float()
         return F.normalize(raw, dim=-1), raw
 
+    def pooled(self, x: Tensor) -> Tensor:
+        """The L2-normalised pooled descriptor, the whitening's input."""
+        return F.normalize(self.pool(self.backbone(x)).float(), dim=-1)
+
     def forward(self, x: Tensor, return_raw: bool = False):
         normalized, raw = self.embed(x)
         return (normalized, raw) if return_raw else normalized
@@ -127,10 +131,41 @@ def init_whitening_from_data(net: RetrievalNet, pooled: Tensor) -> None:
     """Set ``net.whiten`` to the PCA whitening of ``pooled`` (N, C) L2-normalised pooled descriptors."""
     if net.whiten is None:
         raise ValueError("the network has no whitening layer (build it with whitening=DIM)")
-    weight, bias = pca_whitening(pooled, net.whiten.out_features)
+    set_whitening(net, *pca_whitening(pooled, net.whiten.out_features))
+
+
+@torch.no_grad()
+def regression_whitening(pooled: Tensor, targets: Tensor, ridge: float = 1e-3) -> Tuple[Tensor, Tensor]:
+    """The affine map that best sends ``pooled`` (N, C) L2-normalised descriptors onto ``targets`` (N, D).
+
+    Ridge least squares on centred data, ``min ||(X - mx) W^T - (T - mt)||^2 + ridge * N * ||W||^2``, solved
+    in closed form (float64); ``bias = mt - W mx``. With ``targets`` the teacher's embeddings of the same
+    images, a student's whitening starts in the teacher's space: the linear connector of FitNet
+    (Romero et al., ICLR 2015) fitted in one solve instead of by gradient descent. ``ridge`` is relative to
+    the mean eigenvalue of the descriptors' covariance, so it does not depend on their scale.
+    """
+    if pooled.dim() != 2 or targets.dim() != 2 or len(pooled) != len(targets):
+        raise ValueError(f"regression whitening needs paired rows, got {tuple(pooled.shape)} and {tuple(targets.shape)}")
+    x, t = pooled.double(), targets.double()
+    mx, mt = x.mean(0), t.mean(0)
+    xc, tc = x - mx, t - mt
+    gram = xc.T @ xc
+    reg = ridge * max(float(gram.diagonal().mean()), 1e-12)
+    weight = torch.linalg.solve(gram + reg * torch.eye(len(gram), dtype=gram.dtype), xc.T @ tc).T
+    bias = mt - weight @ mx
+    return weight.to(pooled.dtype), bias.to(pooled.dtype)
+
+
+@torch.no_grad()
+def set_whitening(net: RetrievalNet, weight: Tensor, bias: Tensor) -> None:
+    if net.whiten is None:
+        raise ValueError("the network has no whitening layer (build it with whitening=DIM)")
+    if tuple(weight.shape) != tuple(net.whiten.weight.shape):
+        raise ValueError(f"whitening of shape {tuple(weight.shape)} does not fit the network's "
+                         f"{tuple(net.whiten.weight.shape)}")
     net.whiten.weight.copy_(weight)
     net.whiten.bias.copy_(bias)
 
 
 __all__ = ["RetrievalNet", "build_network", "network_from_meta", "set_batchnorm_eval",
-           "pca_whitening", "init_whitening_from_data"]
+           "pca_whitening", "init_whitening_from_data", "regression_whitening", "set_whitening"]

@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Retrieval quality from scratch: the tables of experiments/README.md ("cjk-glyphs"), rerun and printed.
+
+    python benchmarks/bench_quality.py                    # everything (hours on 2 CPU cores, minutes on a GPU)
+    python benchmarks/bench_quality.py --only default     # the embedded default alone (python main.py)
+    python benchmarks/bench_quality.py --only teacher,students --out runs/quality
+
+Stages (each a fresh run directory under --out, seeds fixed by the configs):
+
+* ``imagenet``: the backbones' ImageNet weights as they are on cjk-glyphs-test (lite2 at 128 px,
+  lite0 at 64 and 32 px), the start the teacher must beat by 10 mAP points;
+* ``teacher``: experiments/glyphs/teacher-lite2-128.yaml (``sym``), its test mAP at 128 px and, as the
+  information bound of a low-resolution query, at 64 and 32 px;
+* ``students``: every other experiments/glyphs/*.yaml against that teacher: asymmetric mAP and R@1 as a
+  share of the teacher's symmetric ones, student-teacher cosine and self-R@1;
+* ``default``: ``python main.py`` (the embedded cjk-glyphs-mini), its whole table.
+
+Figures are measured, never typed in: what this prints is what the runs gave.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STAGES = ("imagenet", "teacher", "students", "default")
+GLYPHS = ROOT / "experiments" / "glyphs"
+TEACHER_CONFIG = GLYPHS / "teacher-lite2-128.yaml"
+
+
+def _quiet(fn, *args, verbose: bool = False):
+    if verbose:
+        return fn(*args)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def _test(argv, verbose):
+    import test as test_module
+
+    result = _quiet(test_module.main, argv, verbose=verbose)
+    return next(iter(result["datasets"].values()))
+
+
+def _train(argv, verbose):
+    import main as main_module
+
+    return _quiet(main_module.main, argv, verbose=verbose)
+
+
+def _row(name, metrics, keys=("mAP", "R@1", "mAP/T", "R@1/T", "cos", "self-R@1")):
+    cells = [f"{100 * metrics[k]:7.2f}" if isinstance(metrics.get(k), float) else "      -" for k in keys]
+    return f"{name:<58}" + " ".join(cells)
+
+
+def imagenet(out: Path, verbose: bool):
+    rows = {}
+    for arch, size in (("tf_efficientnet_lite2", 128), ("tf_efficientnet_lite0", 64), ("tf_efficientnet_lite0", 32)):
+        got = _test(["--student", arch, "--image-size", str(size), "--datasets", "cjk-glyphs-test",
+                     "--output", str(out / f"imagenet-{arch}-{size}.json"), "--workers", "2"], verbose)
+        rows[f"ImageNet {arch} sym {size}px"] = got["sym"]
+    return rows
+
+
+def teacher(out: Path, verbose: bool):
+    run = out / "teacher-lite2-128"
+    result = _train(["--config", str(TEACHER_CONFIG), "--directory", str(run), "--overwrite"], verbose)
+    table = next(iter(result["test"].values()))
+    rows = {"teacher lite2 sym 128px (trained)": next(iter(table.values()))}
+    for size in (64, 32):  # the information bound of a query at this size: the teacher's own symmetric mAP
+        got = _test(["--student-path", str(run / "model_best.pth"), "--image-size", str(size),
+                     "--datasets", "cjk-glyphs-test", "--output", str(out / f"teacher-at-{size}.json"),
+                     "--workers", "2"], verbose)
+        rows[f"teacher lite2 sym {size}px (information bound)"] = got["sym"]
+    return rows
+
+
+def students(out: Path, verbose: bool):
+    teacher_path = out / "teacher-lite2-128" / "model_best.pth"
+    if not teacher_path.is_file():
+        raise FileNotFoundError(f"{teacher_path}: run the 'teacher' stage first (--only teacher)")
+    rows = {}
+    for config in sorted(GLYPHS.glob("*.yaml")):
+        if config == TEACHER_CONFIG:
+            continue
+        run = out / config.stem
+        result = _train(["--config", str(config), "--teacher-path", str(teacher_path), "--directory", str(run),
+                         "--overwrite"], verbose)
+        table = next(iter(result["test"].values()))
+        for name, metrics in table.items():
+            if name.startswith("student asym") or name.startswith("student sym"):
+                rows[f"{config.stem}: {name}"] = metrics
+    return rows
+
+
+def default(out: Path, verbose: bool):
+    result = _train(["--directory", str(out / "default"), "--overwrite"], verbose)
+    return next(iter(result["test"].values()))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(STAGES), help=f"comma-separated stages of {STAGES}")
+    parser.add_argument("--out", default="runs/quality", help="folder of the run directories and quality.json")
+    parser.add_argument("--verbose", action="store_true", help="show the runs' own output")
+    args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"--only: unknown stage(s) {unknown}; choose from {STAGES}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {}
+    for stage in stages:
+        start = time.time()
+        rows = globals()[stage](out, args.verbose)
+        report[stage] = {"rows": rows, "seconds": time.time() - start}
+        print(f"\n== {stage} ({time.time() - start:.0f} s)")
+        print(f"{'':<58}{'mAP':>7} {'R@1':>7} {'mAP/T':>7} {'R@1/T':>7} {'cos':>7} {'selfR@1':>7}")
+        for name, metrics in rows.items():
+            print(_row(name, metrics))
+    (out / "quality.json").write_text(json.dumps(report, indent=1, default=float))
+    print(f"\n>> written to {out / 'quality.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
