@@ -122,9 +122,13 @@ def get_teacher(cfg: Config, split: DatasetSplit, run_dir: Path, **kw):
             raise ValueError(f"mode {cfg.mode!r} needs --teacher, --teacher-path or --train-teacher")
         return None
     teacher_dir = run_dir / "teacher"
+    per_class = cfg.samples_per_class or 4
+    # as many classes per batch as --teacher-batch-size holds, at most as many as there are to train on
+    num_classes = len(set(training_data(split, with_val=not cfg.val)[1]))
+    batch_size = max(1, min(cfg.teacher_batch_size // per_class, num_classes)) * per_class
     tcfg = cfg.replace(mode="sym", image_size=cfg.teacher_image_size, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
-                       objective=[], student_path=None, directory=str(teacher_dir), batch_size=cfg.teacher_batch_size,
-                       samples_per_class=cfg.samples_per_class or 4, neg_num=cfg.teacher_neg_num, resume_student=None, optimize=False,
+                       objective=[], student_path=None, directory=str(teacher_dir), batch_size=batch_size,
+                       samples_per_class=per_class, neg_num=cfg.teacher_neg_num, resume_student=None, optimize=False,
                        student_init="auto")
     best = teacher_dir / "model_best.pth"
     last = teacher_dir / "checkpoint_last.pth"

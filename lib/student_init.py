@@ -70,32 +70,34 @@ def initialise_student(choice: str, student: RetrievalNet, teacher: Optional[Ret
     """
     how = resolve_student_init(choice, student, teacher)
     if how == "none":
-        return "student initialisation: ImageNet backbone, random whitening (--student-init none)"
+        return "ImageNet backbone, random whitening (--student-init none)"
     done = ""
     if how == "teacher":
         student.load_state_dict(teacher.state_dict())
         done = "the teacher's weights (same architecture)"
         if student.whiten is None or image_size == teacher_image_size:
-            return f"student initialisation: {done}"
+            return done
         how = "regress"  # the same backbone sees smaller images: its pooled descriptors move, refit the map
     picked = range(0, len(paths), max(1, -(-len(paths) // max_images)))
     subset = [paths[i] for i in picked]
+    dim = student.whiten.out_features
+    if how == "pca" and len(subset) <= dim:
+        if choice == "auto":
+            return f"random whitening: {len(subset)} training images are too few for a {dim}-d PCA whitening"
+        raise ValueError(f"--student-init pca needs more than {dim} training images (the whitening's dimension), "
+                         f"got {len(subset)}")
     pooled = extract(student, subset, image_size, device=device, workers=workers, pooled=True,
                      progress="student descriptors for the whitening")
-    dim = student.whiten.out_features
     if how == "pca":
-        if len(subset) <= dim:
-            raise ValueError(f"--student-init pca needs more than {dim} training images (the whitening's dimension), "
-                             f"got {len(subset)}")
         set_whitening(student, *pca_whitening(pooled, dim))
-        return f"student initialisation: PCA whitening of {len(subset)} training images"
+        return f"PCA whitening of {len(subset)} training images"
     targets = cached_extract(cache, teacher, subset, teacher_image_size, device=teacher_device, workers=workers,
                              progress="teacher embeddings for the whitening")
     if targets.shape[1] != dim:
         raise ValueError(f"the teacher embeds in {targets.shape[1]} dimensions, the student's whitening in {dim}")
     ridge, held_out = select_ridge(pooled, targets, [labels[i] for i in picked])
     set_whitening(student, *regression_whitening(pooled, targets, ridge))
-    return (f"student initialisation: {done + ', ' if done else ''}whitening regressed onto the teacher's embeddings of "
+    return (f"{done + ', ' if done else ''}whitening regressed onto the teacher's embeddings of "
             f"{len(subset)} training images (ridge {ridge:g}, student-teacher cosine {held_out:.3f} on held-out classes)")
 
 

@@ -6,6 +6,7 @@ import json
 import operator
 import os
 import random
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, List, Optional
@@ -53,6 +54,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def atomic_write(path: str | os.PathLike, write, suffix: str = ".tmp") -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a run killed
+    mid-write leaves the previous file (or none), never a partial one. ``suffix`` is for writers that
+    pick the format from the name (Pillow, matplotlib)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:

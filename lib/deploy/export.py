@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 
 from lib.checkpoint import network_fingerprint
 from lib.models.net import RetrievalNet
+from lib.utils import atomic_write
 
 CONTRACT_VERSION = 1
 #: opset 17: supported by every onnxruntime release since 1.11 (2022), with all the ops our networks use
@@ -73,20 +73,6 @@ def preprocessing_contract(net: RetrievalNet, image_size: int, *, teacher_finger
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a killed export never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _example(net: RetrievalNet, image_size: int, batch: int = 2) -> Tensor:
     return torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
 
@@ -121,7 +107,7 @@ def export_onnx(net: RetrievalNet, path: str | os.PathLike, image_size: int, *, 
         onnx.checker.check_model(model)
         onnx.save(model, tmp)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return contract
 
 
@@ -136,7 +122,7 @@ def export_torchscript(net: RetrievalNet, path: str | os.PathLike, image_size: i
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream (torch >= 2.9), still works
         traced = torch.jit.trace(module, (_example(net, image_size),), check_trace=False)
-        _atomic_write(path, lambda tmp: torch.jit.save(traced, tmp,
+        atomic_write(path, lambda tmp: torch.jit.save(traced, tmp,
                                                        _extra_files={TORCHSCRIPT_CONTRACT: json.dumps(contract)}))
     return contract
 

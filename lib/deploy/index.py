@@ -28,7 +28,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from lib.deploy.inputs import ImageSet
 from lib.extract import extract
 from lib.models.net import RetrievalNet
 from lib.registry import Registry
-from lib.utils import write_json
+from lib.utils import atomic_write, write_json
 
 INDEX_FORMAT = 1
 MANIFEST, ITEMS, SHARDS = "manifest.json", "items.json", "shards"
@@ -361,15 +360,7 @@ def save_backend(index: DatabaseIndex, backend: Backend) -> Path:
     """Store an approximate structure beside the shards (atomic) and record its build parameters."""
     faiss = _faiss()
     path = _backend_file(index.directory, backend.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        faiss.write_index(backend.index, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: faiss.write_index(backend.index, tmp))
     index.manifest.setdefault("backends", {})[backend.name] = {
         "file": path.name, "params": {k: v for k, v in backend.params().items() if k in BUILD_PARAMS[backend.name]}}
     write_json(index.manifest, index.directory / MANIFEST)

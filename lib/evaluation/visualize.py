@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from lib.data.datasets import load_image
 from lib.evaluation.metrics import positive_ranks
+from lib.utils import atomic_write
 
 POSITIVE = (0, 170, 0)
 NEGATIVE = (220, 20, 20)
@@ -183,22 +183,9 @@ def precision_recall(query: Tensor, db: Tensor, query_labels: Tensor, db_labels:
     return recall, total / max(counted, 1)
 
 
-def _atomic_png(save, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_image(image: Image.Image, path: str | os.PathLike) -> Path:
     path = Path(path)
-    _atomic_png(lambda tmp: image.save(tmp, format="PNG"), path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), suffix=".png")
     return path
 
 
@@ -219,7 +206,7 @@ def plot_precision_recall(curves: Mapping[str, Tuple[Tensor, Tensor]], path: str
     axes.legend(loc="lower left", fontsize=8)
     figure.tight_layout()
     path = Path(path)
-    _atomic_png(lambda tmp: figure.savefig(tmp, format="png"), path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"), suffix=".png")
     return path
 
 
