@@ -22,7 +22,6 @@ from lib.deploy.search import PairMismatchError, check_pair, load_query_encoder,
 from lib.extract import extract
 from lib.models import build_network
 
-torch.set_num_threads(1)
 
 
 def tiny_net(dim=16, seed=0, size=32):

@@ -14,7 +14,6 @@ from lib.evaluation.visualize import (NEGATIVE, POSITIVE, QUERY, GridLayout, Gri
                                       retrieval_grid, sample_queries, top_k)
 from lib.models import build_network
 
-torch.set_num_threads(1)
 
 
 def solid_images(tmp_path, colours):
