@@ -13,15 +13,14 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from torch import Tensor
 
-from lib.checkpoint import atomic_save, load_checkpoint, tensor_fingerprint
+from lib.checkpoint import atomic_save, load_checkpoint
+from lib.checkpoint import network_fingerprint as checkpoint_fingerprint
 from lib.models.net import RetrievalNet
 
 
 def network_fingerprint(net: RetrievalNet) -> str:
-    meta = {k: v for k, v in net.meta.items() if k not in ("checkpoint",)}
-    digest = hashlib.sha256(tensor_fingerprint(net.state_dict()).encode())
-    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+    """The cache's key for a network: its tensors and all its metadata but the file it came from."""
+    return checkpoint_fingerprint(net, ignore=("checkpoint",))
 
 
 def cache_key(**parts: Any) -> str:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -102,16 +102,17 @@ def tensor_fingerprint(state_dict: Dict[str, torch.Tensor]) -> str:
 _USAGE_META = ("checkpoint", "image_size", "teacher_fingerprint")
 
 
-def network_fingerprint(net: RetrievalNet) -> str:
+def network_fingerprint(net: RetrievalNet, ignore: Sequence[str] = _USAGE_META) -> str:
     """The identity of the embedding space a network computes: sha256 of its tensors (names, dtypes,
     shapes, values) and of the metadata that defines its function (architecture, pooling, whitening,
     mean, std, ...), leaving out where it was loaded from and the image size it was last used at.
 
     A distilled student records its teacher's fingerprint (``teacher_fingerprint`` in its checkpoint);
     a database index records the fingerprint of the network that embedded it; ``search.py`` compares
-    the two. (``lib.cache`` keys its embedding cache with a stricter hash of its own.)
+    the two. ``ignore`` names the metadata left out (``lib.cache`` keys its embedding cache with a
+    stricter hash that keeps the image size and the teacher).
     """
-    meta = {k: v for k, v in net.meta.items() if k not in _USAGE_META}
+    meta = {k: v for k, v in net.meta.items() if k not in ignore}
     digest = hashlib.sha256(tensor_fingerprint(net.state_dict()).encode())
     digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return digest.hexdigest()
