@@ -60,6 +60,9 @@ class Config:
     loss_margin: float = opt(0.7, "triplet margin ('sym')", "-lm")
     lam_1: float = opt(0.7, "weight of the student-teacher relative term ('ts_aug')")
     lam_2: float = opt(0.7, "weight of the student-student relative term ('ts_aug')")
+    lam_label: float = opt(0.5, "weight of the label term added to 'ts_aug': asymmetric multi-similarity of the student's "
+                                "queries against the teacher's embeddings of the batch, same class = positive (0: the "
+                                "paper's three terms alone)")
     objective: List[str] = opt([], "extra objective name[:weight][:k=v,...] (repeatable); see README", action="append")
     image_size: int = opt(96, "student (query) image size")
     teacher_image_size: int = opt(128, "teacher (database) image size")
@@ -67,7 +70,8 @@ class Config:
     pos_num: int = opt(4, "views per image ('ts_aug'; the paper: 8)", "-pn")
     query_size: int = opt(8000, "images per epoch", "-qs")
     pool_size: int = opt(20000, "negative-mining pool size ('sym')", "-ps")
-    samples_per_class: int = opt(0, "class-balanced batches with K images per class (0: plain shuffling; 'sym' uses 4)")
+    samples_per_class: int = opt(0, "class-balanced batches with K images per class (0: 'sym' uses 4, 'ts_aug' 2 when "
+                                    "--lam-label is on, else plain shuffling)")
     crop_scale: float = opt(0.08, "smallest area share of the random crop of 'ts_aug' views (1: the whole image)")
     mixup_alpha: float = opt(0.2, "Beta(a, a) of the mixup in 'ts_aug' (0: off)")
     # optimisation
