@@ -25,7 +25,7 @@ from lib.evaluation.cost import format_cost_table, query_costs
 from lib.evaluation.protocol import format_table
 from lib.evaluation.run import cost_networks, evaluate_dataset
 from lib.logger import get_logger
-from lib.trainer import TrainResult, Validator, train
+from lib.trainer import TrainResult, Validator, check_learned_miners, train
 from lib.utils import seed_everything, select_device, write_json
 
 CACHE_DIR = ".cache/embeddings"
@@ -173,6 +173,7 @@ def main(argv=None) -> Dict:
 
 
 def run(cfg: Config, info: DistInfo) -> Dict:
+    check_learned_miners(cfg)  # before the run directory, the teacher and the search
     device, teacher_device = devices(cfg, info)
     run_dir = prepare_run_dir(cfg, info)
     if info.is_main:

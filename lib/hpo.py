@@ -186,7 +186,25 @@ def search_space(cfg: Config) -> List[SearchParam]:
         space.append(param)
     if not space:
         raise ValueError("--search: the search space is empty (every parameter is off)")
+    _check_mode_weights(cfg, [p.name for p in space])
     return space
+
+
+#: Config fields that are the weight of one of a mode's own objectives (``lib.modes``: ``base_objectives``)
+MODE_WEIGHTS = {"ts_aug": {"lam_1": "relative_st", "lam_2": "relative_ss"}}
+
+
+def _check_mode_weights(cfg: Config, names: Sequence[str]) -> None:
+    """Refuse to search a mode weight (``lam_1``) whose objective an ``--objective`` spec replaces
+    (``relative_st:W``): the searched value would never reach the loss."""
+    user = {parse_objective_spec(s).name for s in cfg.objective}
+    for field_name, objective in MODE_WEIGHTS.get(cfg.mode, {}).items():
+        if field_name in names and objective in user:
+            raise ValueError(
+                f"--optimize searches {field_name} (the weight of {objective!r} in mode {cfg.mode}), but "
+                f"--objective {objective}:... sets that objective itself, so {field_name} would never reach the loss; "
+                f"search its weight as --search objective.{objective}.weight=LOW:HIGH with --search {field_name}=off, "
+                f"or drop {objective} from --objective")
 
 
 # ---------------------------------------------------------------------------------------------------
