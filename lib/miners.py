@@ -37,9 +37,11 @@ Triplets = Tuple[Tensor, Tensor, Tensor]
 # pure functions
 # --------------------------------------------------------------------------------------------------
 def pairwise_distances(x: Tensor, y: Tensor) -> Tensor:
-    """Euclidean distances (N, M) between the rows of ``x`` and ``y``, clamped at 0 before the root."""
-    sq = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2 * x @ y.T
-    return sq.clamp(min=0).sqrt()
+    """Euclidean distances (N, M) between the rows of ``x`` and ``y``, clamped at 0 before the root
+    (mining needs no gradient, so no epsilon: ``lib.losses.functional.euclidean_distances``)."""
+    from lib.losses.functional import euclidean_distances
+
+    return euclidean_distances(x, y)
 
 
 def log_inverse_sphere_density(distances: Tensor, dim: int) -> Tensor:
