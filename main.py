@@ -17,7 +17,7 @@ from typing import Dict, Tuple
 import torch
 
 from lib.cache import EmbeddingCache
-from lib.checkpoint import get_network, load_network
+from lib.models.loading import get_network, load_network
 from lib.config import Config, load_config
 from lib.data.splits import DatasetSplit, load_split, trainval
 from lib.distributed import DistInfo, barrier, init_distributed, shutdown_distributed

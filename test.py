@@ -19,10 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from lib.cache import EmbeddingCache
-from lib.checkpoint import get_network
+from lib.models.loading import get_network
 from lib.evaluation.cost import cost_summary, format_cost_table, query_costs
 from lib.evaluation.protocol import format_table
 from lib.evaluation.run import cost_networks, evaluate_dataset

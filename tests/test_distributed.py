@@ -142,7 +142,8 @@ def _main_worker(rank: int, world: int, port: int, argv):
 
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory):
-    from lib.checkpoint import atomic_save, get_network, network_state
+    from lib.checkpoint import atomic_save, network_state
+    from lib.models.loading import get_network
 
     torch.manual_seed(3)
     net = get_network("timm:resnet18", pooling="gem", whitening=16, pretrained=False, image_size=48)
@@ -178,7 +179,7 @@ def test_two_process_ddp_training_matches_one_process(tiny_dataset, tmp_path, ra
 
 def get_initial_student(state):
     """The student at step 0: rebuilt with the run's seed as ``run_stage`` does."""
-    from lib.checkpoint import get_network
+    from lib.models.loading import get_network
     from lib.utils import seed_everything
 
     cfg = state["config"]
