@@ -229,13 +229,13 @@ def _worker(run_dir: Path, trials: int, *extra: str, storage: str = "", name: st
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-def test_two_workers_share_one_sqlite_study(tmp_path):
-    storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    workers = [_worker(tmp_path / f"w{i}", 6, "--sleep", "0.25", "--start-together", "2", storage=storage)
+def _two_workers_share_one_study(tmp_path, storage: str, name: str = "shared"):
+    workers = [_worker(tmp_path / f"w{i}", 6, "--sleep", "0.25", "--start-together", "2",
+                       "--ready-dir", str(tmp_path / "ready"), storage=storage, name=name)
                for i in range(2)]
     outputs = [w.communicate(timeout=120)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
-    study = optuna.load_study(study_name="shared", storage=storage)
+    study = optuna.load_study(study_name=name, storage=storage)
     complete = [t for t in study.trials if t.state == State.COMPLETE]
     assert len(complete) == 6 and len({t.number for t in complete}) == 6
     assert all(t.state == State.COMPLETE or t.user_attrs.get("surplus") for t in study.trials)
@@ -245,6 +245,43 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
     assert len(pids) == 2, "both workers ran trials"
     ran = sorted(int(p.parent.name) for i in range(2) for p in (tmp_path / f"w{i}" / "trials").glob("*/trial.json"))
     assert ran == sorted(t.number for t in study.trials if not t.user_attrs.get("surplus"))
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path):
+    _two_workers_share_one_study(tmp_path, f"sqlite:///{tmp_path / 'shared.db'}")
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A PostgreSQL server: ``RAML_TEST_POSTGRES_URL`` (``.ci/run`` starts one and sets it), else a
+    throw-away cluster started here with ``.ci/postgres`` where Debian's postgresql is installed; the
+    tests that need it are skipped, saying why, only where neither gives a server."""
+    url, started = os.environ.get("RAML_TEST_POSTGRES_URL"), None
+    if not url:
+        proc = subprocess.run([str(ROOT / ".ci" / "postgres"), "start"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip("no PostgreSQL server: RAML_TEST_POSTGRES_URL is not set and .ci/postgres could not start one "
+                        f"({(proc.stderr or proc.stdout).strip()[-300:]}); install Debian's postgresql, or run .ci/run")
+        values = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+        url, started = values["RAML_TEST_POSTGRES_URL"], values["RAML_TEST_POSTGRES_DIR"]
+    try:
+        import sqlalchemy
+
+        sqlalchemy.create_engine(url).connect().close()
+    except Exception as err:  # a server that was promised (the variable is set) and is not there is a failure
+        if started:
+            subprocess.run([str(ROOT / ".ci" / "postgres"), "stop", started], capture_output=True)
+        pytest.fail(f"cannot reach the PostgreSQL server at {url}: {err}")
+    yield url
+    if started:
+        subprocess.run([str(ROOT / ".ci" / "postgres"), "stop", started], capture_output=True, check=True)
+
+
+def test_two_workers_share_one_postgresql_study(tmp_path, postgres_url):
+    """README's ``--storage postgresql://...``: two search processes on a real server, as with SQLite."""
+    import uuid
+
+    _two_workers_share_one_study(tmp_path, postgres_url, name=f"shared-{uuid.uuid4().hex[:12]}")
 
 
 def test_a_killed_search_resumes_and_retries_the_killed_trial(tmp_path):
@@ -348,9 +385,10 @@ def _worker_main(argv):
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--kill-on", type=int, nargs="*", default=())
     parser.add_argument("--start-together", type=int, default=0, help="wait until this many workers are ready")
+    parser.add_argument("--ready-dir", default=None, help="where the workers line up (default: beside the SQLite file)")
     args = parser.parse_args(argv)
     if args.start_together:  # imports take seconds: line the workers up so that both get trials
-        ready = Path(args.storage.split("///", 1)[1]).parent / "ready"
+        ready = Path(args.ready_dir) if args.ready_dir else Path(args.storage.split("///", 1)[1]).parent / "ready"
         ready.mkdir(exist_ok=True)
         (ready / str(os.getpid())).touch()
         deadline = time.time() + 60
