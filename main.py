@@ -26,7 +26,7 @@ from lib.evaluation.protocol import format_table
 from lib.evaluation.run import cost_networks, evaluate_dataset
 from lib.logger import get_logger
 from lib.trainer import TrainResult, Validator, check_learned_miners, train
-from lib.utils import seed_everything, select_device, write_json
+from lib.utils import environment, seed_everything, select_device, write_json
 
 CACHE_DIR = ".cache/embeddings"
 
@@ -198,7 +198,8 @@ def run(cfg: Config, info: DistInfo) -> Dict:
     result = run_stage(cfg, run_dir, split, teacher, **kw)
     if not info.is_main:
         return {}
-    results = {"run_dir": str(run_dir), "best_epoch": result.best_epoch, "best_val_score": result.best_score,
+    results = {"run_dir": str(run_dir), "environment": environment(),
+               "best_epoch": result.best_epoch, "best_val_score": result.best_score,
                "test": final_test(cfg, result.best_path, teacher, device=device, run_dir=run_dir, cache=cache)}
     write_json(results, run_dir / "results.json")
     print(f"\n>> results written to {run_dir / 'results.json'}")
