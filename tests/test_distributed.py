@@ -153,7 +153,6 @@ def random_teacher(tmp_path_factory):
 
 
 def test_two_process_ddp_training_matches_one_process(tiny_dataset, tmp_path, random_teacher):
-    pytest.importorskip("main")
     from lib.checkpoint import load_checkpoint
 
     single, double = tmp_path / "one", tmp_path / "two"
@@ -193,7 +192,6 @@ def get_initial_student(state):
 def test_search_under_two_processes(tiny_dataset, tmp_path, random_teacher):
     """torchrun + --optimize: rank 0 runs the study, both ranks train every trial."""
     optuna = pytest.importorskip("optuna")
-    pytest.importorskip("main")
     run = tmp_path / "run"
     argv = [a for a in ddp_args(tiny_dataset, run, random_teacher) if a != "--no-val"]
     argv += ["--epochs", "1", "--optimize", "--trials", "2", "--search-only"]
