@@ -315,7 +315,8 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
                   f"{' (best)' if improved else f' (best {100 * best_score:.2f} at epoch {best_epoch})'}")
         elif dist_info.is_main:
             print(f">> {tag}epoch {epoch + 1}: loss {record['train/loss']:.4f}")
-        if miners and validate:
+        if miners and cfg.val and ((epoch + 1) % cfg.val_freq == 0 or epoch + 1 == cfg.epochs):
+            # (the condition of `validate` without the validator, which only rank 0 holds: every rank enters)
             # validation runs on rank 0: its reward reaches every rank (the others add 0), and every rank's
             # draws enter the one policy step, so the miners stay identical across ranks
             score = metrics["score"] if dist_info.is_main else 0.0
