@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from lib.checkpoint import load_checkpoint, network_from_state
+from lib.checkpoint import load_checkpoint
+from lib.models.loading import network_from_state
 from lib.deploy.export import ONNX_OPSET, export_onnx, export_torchscript, load_exported
 from lib.models.zoo import resolve_model_path
 

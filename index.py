@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from lib.checkpoint import get_network
+from lib.models.loading import get_network
 from lib.deploy.cli import add_backend_flags, add_image_flags, backend_params
 from lib.deploy.index import BACKENDS, build_index, load_index, make_backend, save_backend
 from lib.deploy.inputs import collect_images

@@ -17,16 +17,16 @@ from typing import Dict, Tuple
 import torch
 
 from lib.cache import EmbeddingCache
-from lib.checkpoint import get_network, load_network
+from lib.models.loading import get_network, load_network
 from lib.config import Config, load_config
-from lib.data.splits import DatasetSplit, load_split, parse_dataset_spec, trainval
+from lib.data.splits import DatasetSplit, load_split, trainval
 from lib.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
-from lib.evaluation.cost import add_query_cost, format_cost_table, query_costs
-from lib.evaluation.protocol import add_teacher_ratio, evaluate_settings, format_table
-from lib.extract import cached_extract, extract
+from lib.evaluation.cost import format_cost_table, query_costs
+from lib.evaluation.protocol import format_table
+from lib.evaluation.run import cost_networks, evaluate_dataset
 from lib.logger import get_logger
-from lib.trainer import TrainResult, Validator, train
-from lib.utils import seed_everything, select_device, write_json
+from lib.trainer import TrainResult, Validator, check_learned_miners, train
+from lib.utils import environment, seed_everything, select_device, write_json
 
 CACHE_DIR = ".cache/embeddings"
 
@@ -145,38 +145,22 @@ def get_teacher(cfg: Config, split: DatasetSplit, run_dir: Path, **kw):
 
 
 def final_test(cfg: Config, student_path: Path, teacher, *, device, run_dir: Path, cache: EmbeddingCache) -> Dict:
-    """The result table on each test dataset: teacher (symmetric, high resolution), the naive asymmetric
-    baseline (teacher on low-resolution queries against its high-resolution database), the student
-    asymmetric (against the teacher's database) and symmetric."""
+    """The result table on each test dataset (``lib.evaluation.run``, the evaluation test.py runs): teacher
+    (symmetric, high resolution), the naive asymmetric baseline (teacher on low-resolution queries against
+    its high-resolution database), the student asymmetric (against the teacher's database) and symmetric."""
     student = load_network(str(student_path)).to(device)
     results = {}
-    costs = query_costs({"student@low": (student, cfg.image_size), "teacher@high": (teacher, cfg.teacher_image_size),
-                         "teacher@low": (teacher, cfg.image_size)})  # each row's query network: params, GFLOPs, CPU ms
+    # each row's query network: params, GFLOPs, CPU ms
+    costs = query_costs(cost_networks(student, teacher, cfg.image_size, cfg.teacher_image_size))
     for spec in [d.strip() for d in cfg.test_datasets.split(",") if d.strip()]:
-        name, subset = parse_dataset_spec(spec)
-        subset = "test" if subset == "train" else subset
-        paths, labels = load_split(name, cfg.data_root, val_ratio=cfg.val_ratio).subset(subset)
-        labels = torch.as_tensor(labels)
-        common = dict(device=device, workers=cfg.workers)
-        emb = {"student@low": extract(student, paths, cfg.image_size, progress=f"{spec} student", **common)}
-        settings = {f"student sym ({cfg.image_size}px)": ("student@low", "student@low")}
-        if teacher is not None:
-            teacher.to(device)
-            emb["teacher@high"] = cached_extract(cache, teacher, paths, cfg.teacher_image_size,
-                                                 progress=f"{spec} teacher@high", **common)
-            emb["teacher@low"] = extract(teacher, paths, cfg.image_size, progress=f"{spec} teacher@low", **common)
-            settings = {
-                f"teacher sym ({cfg.teacher_image_size}px)": ("teacher@high", "teacher@high"),
-                f"naive asym (T@{cfg.image_size} -> T@{cfg.teacher_image_size})": ("teacher@low", "teacher@high"),
-                f"student asym (S@{cfg.image_size} -> T@{cfg.teacher_image_size})": ("student@low", "teacher@high"),
-                f"student sym ({cfg.image_size}px)": ("student@low", "student@low"),
-            }
-        metrics = add_teacher_ratio(evaluate_settings(emb, labels, settings),
-                                    next((k for k in settings if k.startswith("teacher sym")), None))
-        results[spec] = add_query_cost(metrics, settings, costs)
+        evaluation = evaluate_dataset(spec, student, teacher, image_size=cfg.image_size,
+                                      teacher_size=cfg.teacher_image_size, data_root=cfg.data_root,
+                                      val_ratio=cfg.val_ratio, cache=cache, device=device, workers=cfg.workers,
+                                      costs=costs)
+        results[spec] = rows = evaluation.rows()
         print()
-        print(format_table(metrics, title=spec))
-        print(format_cost_table(metrics, title="query-side cost (1 thread CPU, batch 1)"))
+        print(format_table(rows, title=spec))
+        print(format_cost_table(rows, title="query-side cost (1 thread CPU, batch 1)"))
     return results
 
 
@@ -189,6 +173,7 @@ def main(argv=None) -> Dict:
 
 
 def run(cfg: Config, info: DistInfo) -> Dict:
+    check_learned_miners(cfg)  # before the run directory, the teacher and the search
     device, teacher_device = devices(cfg, info)
     run_dir = prepare_run_dir(cfg, info)
     if info.is_main:
@@ -213,7 +198,8 @@ def run(cfg: Config, info: DistInfo) -> Dict:
     result = run_stage(cfg, run_dir, split, teacher, **kw)
     if not info.is_main:
         return {}
-    results = {"run_dir": str(run_dir), "best_epoch": result.best_epoch, "best_val_score": result.best_score,
+    results = {"run_dir": str(run_dir), "environment": environment(),
+               "best_epoch": result.best_epoch, "best_val_score": result.best_score,
                "test": final_test(cfg, result.best_path, teacher, device=device, run_dir=run_dir, cache=cache)}
     write_json(results, run_dir / "results.json")
     print(f"\n>> results written to {run_dir / 'results.json'}")

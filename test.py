@@ -7,7 +7,10 @@
 
 Every test image queries all other test images; the student embeds the queries at --image-size, the
 teacher embeds the database at --teacher-image-size (asymmetric), or the student embeds both
-(symmetric, --sym or when no teacher is given). Teacher database embeddings are cached on disk.
+(symmetric, --sym or when no teacher is given). With a teacher the table also has the teacher's own
+row and the naive asymmetric baseline (the teacher on --image-size queries): the rows and the code of
+main.py's final table (``lib.evaluation.run``); the JSON keeps the rows under their keys ``teacher``,
+``naive``, ``asym``, ``sym``. Teacher embeddings are cached on disk (``lib.extract.embedding_key``).
 """
 from __future__ import annotations
 
@@ -16,14 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from lib.cache import EmbeddingCache
-from lib.checkpoint import get_network
-from lib.data.splits import load_split, parse_dataset_spec
-from lib.evaluation.cost import add_query_cost, cost_summary, format_cost_table, query_costs
-from lib.evaluation.protocol import add_teacher_ratio, evaluate_settings, format_table
-from lib.extract import cached_extract, extract
+from lib.models.loading import get_network
+from lib.evaluation.cost import cost_summary, format_cost_table, query_costs
+from lib.evaluation.protocol import format_table
+from lib.evaluation.run import cost_networks, evaluate_dataset
 from lib.models.pooling import POOLING
 from lib.utils import parse_scales, select_device, write_json
 
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast for extraction on CUDA")
     p.add_argument("--cache-dir", default=".cache/embeddings", help="teacher embedding cache ('' disables)")
     p.add_argument("--val-ratio", default=0.5, type=float, help="validation share of training classes (for -val datasets)")
-    p.add_argument("--clustering", action="store_true", help="also report NMI and F1 (k-means)")
+    p.add_argument("--clustering", action="store_true", help="also report NMI and F1 of k-means on the symmetric rows (teacher, sym), each of its own embeddings")
     p.add_argument("--output", default=None, help="results JSON (default: test_results.json beside the student checkpoint, else in .)")
     p.add_argument("--visualize", default=0, type=int, metavar="N",
                    help="write a grid PNG of N sample queries with their top results (asym and sym side by side) "
@@ -82,57 +83,38 @@ def main(argv=None) -> dict:
     image_size = resolve_size(args.image_size, student, 224, "--image-size")
     teacher_size = resolve_size(args.teacher_image_size, teacher, 448, "--teacher-image-size") if teacher else None
     cache = EmbeddingCache(args.cache_dir or None)
-    common = dict(device=device, batch_size=args.batch_size, workers=args.workers, scales=scales, amp=args.amp)
 
     results = {"student": student.meta.get("checkpoint", args.student), "image_size": image_size,
                "teacher": (teacher.meta.get("checkpoint", args.teacher) if teacher else None),
                "teacher_image_size": teacher_size, "multiscale": scales, "datasets": {}}
     output = args.output or (Path(args.student_path).parent / "test_results.json"
                              if args.student_path and Path(args.student_path).is_file() else "test_results.json")
-    costs = query_costs({"student": (student, image_size), "teacher": (teacher, teacher_size)},
+    costs = query_costs(cost_networks(student, teacher, image_size, teacher_size),
                         threads=args.cost_threads) if args.cost else {}
     if costs:
         results["cost"] = costs
     for spec in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         start = time.time()
-        name, subset = parse_dataset_spec(spec)
-        subset = "test" if subset == "train" and not spec.endswith("-train") else subset
-        split = load_split(name, args.data_root, val_ratio=args.val_ratio)
-        paths, labels = split.subset(subset)
-        labels = torch.as_tensor(labels)
-        embeddings = {"student": extract(student, paths, image_size, progress=f"{spec} student@{image_size}", **common)}
-        settings = {}
-        if teacher is not None:
-            embeddings["teacher"] = cached_extract(
-                cache, teacher, paths, teacher_size, key=dict(dataset=name, subset=subset, root=str(split.root)),
-                progress=f"{spec} teacher@{teacher_size}", **common)
-            settings["teacher"] = ("teacher", "teacher")
-            settings["asym"] = ("student", "teacher")
-        if teacher is None or args.sym:
-            settings["sym"] = ("student", "student")
-        metrics = add_teacher_ratio(evaluate_settings(embeddings, labels, settings, device=device),
-                                    "teacher" if teacher is not None else None)
-        if args.clustering:
-            from lib.evaluation.clustering import clustering_metrics
-
-            for setting, (query_key, db_key) in settings.items():
-                if query_key == db_key:  # k-means clusters one embedding: symmetric rows only
-                    metrics[setting].update(clustering_metrics(embeddings[db_key], labels))
-        add_query_cost(metrics, settings, costs)
+        evaluation = evaluate_dataset(
+            spec, student, teacher, image_size=image_size, teacher_size=teacher_size, data_root=args.data_root,
+            val_ratio=args.val_ratio, cache=cache, device=device, batch_size=args.batch_size, workers=args.workers,
+            scales=scales, amp=args.amp, sym=teacher is None or args.sym, clustering=args.clustering, costs=costs)
+        metrics = evaluation.metrics  # by row key: teacher, naive, asym, sym (lib.evaluation.run.SETTINGS)
         results["datasets"][spec] = metrics
-        print(format_table(metrics, title=spec))
+        print(format_table(evaluation.rows(), title=spec))
         if costs:
-            print(format_cost_table(metrics, title=f"query-side cost ({args.cost_threads} thread CPU, batch 1)"))
+            print(format_cost_table(evaluation.rows(), title=f"query-side cost ({args.cost_threads} thread CPU, batch 1)"))
         if args.visualize > 0:
             from lib.evaluation.visualize import write_figures
 
+            embeddings = evaluation.embeddings
             grid = {k: v for k, v in (("asym", ("student", "teacher")), ("sym", ("student", "student"))) if v[1] in embeddings}
-            figures = write_figures(Path(output).with_name(f"{Path(output).stem}-{Path(spec).name}"), embeddings, labels,
-                                    paths, grid, {**settings, **grid}, {"student": image_size, "teacher": teacher_size},
-                                    num_queries=args.visualize, k=args.visualize_k, metrics=metrics)
+            figures = write_figures(Path(output).with_name(f"{Path(output).stem}-{Path(spec).name}"), embeddings,
+                                    evaluation.labels, evaluation.paths, grid, {**evaluation.settings, **grid},
+                                    evaluation.sizes, num_queries=args.visualize, k=args.visualize_k, metrics=metrics)
             results.setdefault("figures", {})[spec] = figures
             print(f">> pictures: {', '.join(figures)}")
-        print(f">> {spec}: {len(paths)} images, {time.time() - start:.1f}s"
+        print(f">> {spec}: {len(evaluation.paths)} images, {time.time() - start:.1f}s"
               + (f", teacher cache {'hit' if cache.hits else 'miss'}" if teacher is not None else ""))
         cache.hits = cache.misses = 0
     if "student" in costs and "teacher" in costs:

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib.checkpoint import get_network  # noqa: E402
+from lib.models.loading import get_network  # noqa: E402
 from lib.data.datasets import load_image  # noqa: E402
 from lib.data.splits import load_split  # noqa: E402
 from lib.data.transforms import EvalTransform  # noqa: E402

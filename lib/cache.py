@@ -1,8 +1,8 @@
 """On-disk cache of teacher (database) embeddings.
 
-The key is a hash of everything the embeddings depend on: the checkpoint's content (a hash of its
-tensors and metadata), the dataset and subset, the image list, the image size, the transform and the
-multi-scale setting. A second run with the same key reads the file; any change recomputes it.
+The key is a hash of everything the embeddings depend on (``lib.extract.embedding_key``): the
+network's content (a hash of its tensors and of the metadata that defines its function), the image
+list, the image size, the transform's description, the multi-scale setting and the autocast dtype. A second run with the same key reads the file; any change recomputes it.
 """
 from __future__ import annotations
 
@@ -14,13 +14,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 from torch import Tensor
 
 from lib.checkpoint import atomic_save, load_checkpoint
-from lib.checkpoint import network_fingerprint as checkpoint_fingerprint
-from lib.models.net import RetrievalNet
-
-
-def network_fingerprint(net: RetrievalNet) -> str:
-    """The cache's key for a network: its tensors and all its metadata but the file it came from."""
-    return checkpoint_fingerprint(net, ignore=("checkpoint",))
+from lib.checkpoint import network_fingerprint  # the cache's key for a network: what it computes, not where it came from
 
 
 def cache_key(**parts: Any) -> str:

@@ -1,7 +1,8 @@
 """Checkpoints: tensors and plain Python only, written atomically, read with ``weights_only=True``.
 
 A *network* checkpoint is ``{'meta': {...}, 'state_dict': {...}, ...}``: ``meta`` rebuilds the
-architecture (``lib.models.network_from_meta``), so ``test.py --student-path`` needs nothing else.
+architecture (``lib.models.network_from_meta``; reading one back: ``lib.models.loading``), so
+``test.py --student-path`` needs nothing else.
 A *training* checkpoint adds optimizer, scheduler, scaler, epoch, RNG states and the config.
 """
 from __future__ import annotations
@@ -10,13 +11,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Sequence
 
 import torch
 
-from lib.models.net import RetrievalNet, network_from_meta
-from lib.models.zoo import resolve_model_path
 from lib.utils import atomic_write
+
+if TYPE_CHECKING:  # annotations only: lib.models.loading imports this module
+    from lib.models.net import RetrievalNet
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -49,33 +51,6 @@ def network_state(net: RetrievalNet, **extra: Any) -> Dict[str, Any]:
     state = {"meta": dict(net.meta), "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
     state.update(extra)
     return state
-
-
-def _meta_from_reference(meta: Dict[str, Any]) -> Dict[str, Any]:
-    """Published checkpoints of the reference code: a torchvision architecture name, no version."""
-    meta = dict(meta)
-    if "version" not in meta and ":" not in str(meta.get("architecture", "")):
-        meta["architecture"] = f"tv:{meta['architecture']}"
-    return meta
-
-
-def network_from_state(state: Dict[str, Any], source: str = "checkpoint") -> RetrievalNet:
-    if "meta" not in state or "state_dict" not in state:
-        raise ValueError(f"{source} is not a network checkpoint: keys {sorted(state)}; expected 'meta' and 'state_dict'")
-    net = network_from_meta(_meta_from_reference(state["meta"]))
-    try:
-        net.load_state_dict(state["state_dict"])
-    except RuntimeError as err:
-        raise ValueError(f"{source} does not match its own metadata {state['meta'].get('architecture')!r}: {err}") from err
-    return net
-
-
-def load_network(name_or_path: str, pretrained_dir: Optional[str] = None) -> RetrievalNet:
-    """Rebuild a network from a self-describing checkpoint, a file in ``pretrained/`` or a published name."""
-    path = resolve_model_path(name_or_path, pretrained_dir)
-    net = network_from_state(load_checkpoint(path), str(path))
-    net.meta["checkpoint"] = str(path)
-    return net
 
 
 def check_compatible(net: RetrievalNet, state: Dict[str, Any], source: str) -> None:
@@ -118,18 +93,16 @@ def network_fingerprint(net: RetrievalNet, ignore: Sequence[str] = _USAGE_META) 
     return digest.hexdigest()
 
 
-def get_network(architecture: Optional[str] = None, path: Optional[str] = None, *, pooling: str = "gem",
-                whitening: int = 0, pretrained: bool = True, weights: Optional[str] = None,
-                image_size: Optional[int] = None, pretrained_dir: Optional[str] = None) -> RetrievalNet:
-    """``--student/--teacher`` (an architecture, built with ImageNet weights) or ``--*-path`` (a checkpoint)."""
-    from lib.models.net import build_network
+def __getattr__(name: str):
+    """``get_network``, ``load_network`` and ``network_from_state`` moved to :mod:`lib.models.loading`;
+    still importable from here for code written against the old place (loaded lazily: that module
+    imports this one)."""
+    if name in ("get_network", "load_network", "network_from_state"):
+        from lib.models import loading
 
-    if path:
-        return load_network(path, pretrained_dir)
-    if not architecture:
-        raise ValueError("give an architecture name or a checkpoint path")
-    return build_network(architecture, pooling, whitening, pretrained=pretrained, weights=weights, image_size=image_size)
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["atomic_save", "load_checkpoint", "network_state", "network_from_state", "load_network",
-           "check_compatible", "tensor_fingerprint", "network_fingerprint", "get_network"]
+__all__ = ["atomic_save", "load_checkpoint", "network_state", "check_compatible", "tensor_fingerprint",
+           "network_fingerprint"]

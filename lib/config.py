@@ -97,7 +97,7 @@ class Config:
     optimize: bool = opt(False, "tune hyper-parameters with optuna on the validation split first")
     trials: int = opt(6, "optuna trials")
     overwrite: bool = opt(False, "allow writing into an existing run directory that holds another run")
-    # hyper-parameter search (lib/hpo.py)
+    # hyper-parameter search (lib/hpo/)
     search: List[str] = opt([], "with --optimize: search PARAM in a range, PARAM=LOW:HIGH[:log][:int] (repeatable); PARAM "
                                 "is a numeric option or objective.NAME.KEY / objective.NAME.weight; it joins or overrides "
                                 "the paper's space lr=1e-4:2e-4:log, lam_1=0.6:0.8, lam_2=0.6:0.8; PARAM=off drops one",

@@ -35,6 +35,12 @@ def embed_batch(net: RetrievalNet, images: Tensor, scales: Sequence[float] = (1.
     return F.normalize((total / len(scales)).pow(1.0 / power), dim=-1)
 
 
+def eval_transform(net: RetrievalNet, image_size: int) -> EvalTransform:
+    """The test transform of ``net`` (its own mean/std) at ``image_size``: the one :func:`extract` uses and
+    whose ``describe()`` enters the embedding cache key."""
+    return EvalTransform(image_size, net.meta["mean"], net.meta["std"])
+
+
 @torch.no_grad()
 def extract(net: RetrievalNet, paths: Sequence[str], image_size: int, *, device: torch.device | str = "cpu",
             batch_size: int = 64, workers: int = 0, scales: Sequence[float] = (1.0,), amp: Optional[str] = None,
@@ -42,7 +48,7 @@ def extract(net: RetrievalNet, paths: Sequence[str], image_size: int, *, device:
     """Embeddings (N, D) float32 on the CPU of ``paths`` with ``net``'s own mean/std at ``image_size``
     (``pooled``: the L2-normalised pooled descriptors that enter the whitening, (N, num_features))."""
     device = torch.device(device)
-    transform = EvalTransform(image_size, net.meta["mean"], net.meta["std"])
+    transform = eval_transform(net, image_size)
     loader = DataLoader(ImageList(list(paths), transform=transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda",
                         # its own generator: extraction must not draw from the global RNG, or a teacher
@@ -70,18 +76,32 @@ def extract(net: RetrievalNet, paths: Sequence[str], image_size: int, *, device:
     return out
 
 
-def cached_extract(cache, net: RetrievalNet, paths: Sequence[str], image_size: int, *, scales: Sequence[float] = (1.0,),
-                   key: Optional[dict] = None, **kwargs) -> Tensor:
-    """:func:`extract` through an :class:`~lib.cache.EmbeddingCache` (``None``: no cache), keyed by the
-    network's content, the image list, the size, the eval transform, the scales and ``key``'s extras."""
+def embedding_key(net: RetrievalNet, paths: Sequence[str], image_size: int, *, scales: Sequence[float] = (1.0,),
+                  amp: Optional[str] = None, pooled: bool = False) -> dict:
+    """The cache key of ``extract(net, paths, image_size, ...)``: everything that changes its values.
+
+    The network's content (tensors and the metadata that defines its function, not the file it came from
+    nor the size it was trained at: ``lib.checkpoint.network_fingerprint``), the image list (absolute paths,
+    so the dataset, its root and the subset), the size, the eval transform's own description, the scales,
+    the autocast dtype (``--amp bf16`` embeddings differ from float32 ones) and whether the pooled
+    descriptors or the embeddings are returned. Left out: batch size, workers, device and memory format,
+    which change float rounding only (the last bits), not what is computed.
+    """
     from lib.cache import network_fingerprint, paths_fingerprint
 
-    compute = lambda: extract(net, paths, image_size, scales=scales, **kwargs)  # noqa: E731
+    return dict(network=network_fingerprint(net), paths=paths_fingerprint(paths), image_size=int(image_size),
+                transform=eval_transform(net, image_size).describe(), scales=[float(s) for s in scales],
+                amp=amp if amp and amp != "none" else "none", output="pooled" if pooled else "embedding")
+
+
+def cached_extract(cache, net: RetrievalNet, paths: Sequence[str], image_size: int, *, scales: Sequence[float] = (1.0,),
+                   amp: Optional[str] = None, pooled: bool = False, **kwargs) -> Tensor:
+    """:func:`extract` through an :class:`~lib.cache.EmbeddingCache` (``None``: no cache), keyed by
+    :func:`embedding_key`."""
+    compute = lambda: extract(net, paths, image_size, scales=scales, amp=amp, pooled=pooled, **kwargs)  # noqa: E731
     if cache is None:
         return compute()
-    parts = dict(network=network_fingerprint(net), paths=paths_fingerprint(paths), image_size=image_size,
-                 transform="eval-8/7-center", scales=list(scales), **(key or {}))
-    return cache.get_or_compute(parts, compute)
+    return cache.get_or_compute(embedding_key(net, paths, image_size, scales=scales, amp=amp, pooled=pooled), compute)
 
 
-__all__ = ["extract", "cached_extract", "embed_batch", "multiscale_power"]
+__all__ = ["extract", "cached_extract", "embedding_key", "eval_transform", "embed_batch", "multiscale_power"]

@@ -37,9 +37,11 @@ Triplets = Tuple[Tensor, Tensor, Tensor]
 # pure functions
 # --------------------------------------------------------------------------------------------------
 def pairwise_distances(x: Tensor, y: Tensor) -> Tensor:
-    """Euclidean distances (N, M) between the rows of ``x`` and ``y``, clamped at 0 before the root."""
-    sq = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2 * x @ y.T
-    return sq.clamp(min=0).sqrt()
+    """Euclidean distances (N, M) between the rows of ``x`` and ``y``, clamped at 0 before the root
+    (mining needs no gradient, so no epsilon: ``lib.losses.functional.euclidean_distances``)."""
+    from lib.losses.functional import euclidean_distances
+
+    return euclidean_distances(x, y)
 
 
 def log_inverse_sphere_density(distances: Tensor, dim: int) -> Tensor:
@@ -327,8 +329,13 @@ class ParametricMiner(Miner):
     ``(reward - baseline) * mean log p(bin of each negative drawn since the last update)``, with an
     exponential-moving-average baseline. The paper's policy network, state and multiplicative actions
     are not reproduced. The trainer's optimiser leaves ``logits`` alone (it gets no gradient from the
-    loss); only :meth:`update` changes it.
+    loss); only :meth:`update` changes it. The trainer calls :meth:`update` after every validation with
+    the change of the validation score since the previous one (``learns_from_validation``), and refuses
+    to train it without validation.
     """
+
+    #: the trainer feeds :meth:`update` the validation score's change (``lib.trainer.learned_miners``)
+    learns_from_validation = True
 
     def __init__(self, num_bins: int = 30, support_min: float = 0.1, support_max: float = 1.4,
                  init: str = "uniform", policy_lr: float = 0.1, baseline_momentum: float = 0.9,

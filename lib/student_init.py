@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from lib.extract import cached_extract, extract
-from lib.models.net import RetrievalNet, pca_whitening, regression_whitening, set_whitening
+from lib.models.net import RetrievalNet, init_whitening_from_data, regression_whitening, set_whitening
 
 STUDENT_INITS = ("auto", "teacher", "regress", "pca", "none")
 _SAME = ("architecture", "pooling", "whitening")
@@ -89,7 +89,7 @@ def initialise_student(choice: str, student: RetrievalNet, teacher: Optional[Ret
     pooled = extract(student, subset, image_size, device=device, workers=workers, pooled=True,
                      progress="student descriptors for the whitening")
     if how == "pca":
-        set_whitening(student, *pca_whitening(pooled, dim))
+        init_whitening_from_data(student, pooled)  # the one PCA-whitening path
         return f"PCA whitening of {len(subset)} training images"
     targets = cached_extract(cache, teacher, subset, teacher_image_size, device=teacher_device, workers=workers,
                              progress="teacher embeddings for the whitening")

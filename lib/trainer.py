@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -126,6 +126,34 @@ def accumulation_divisors(num_batches: int, update_every: int) -> List[int]:
     return out
 
 
+def learned_miners(objectives: Sequence[nn.Module], names: Sequence[str]) -> List[Tuple[str, nn.Module]]:
+    """``(objective name, miner)`` for every miner inside ``objectives`` that learns from the validation
+    score (``learns_from_validation``, the PADS ``parametric`` miner)."""
+    return [(name, m) for name, obj in zip(names, objectives) for m in obj.modules()
+            if getattr(m, "learns_from_validation", False)]
+
+
+def check_learned_miners(cfg) -> None:
+    """Refuse, before anything runs, a configuration whose learned miner (``miner=parametric``) would
+    never learn: it learns from the change of the validation score, so its run must validate."""
+    from lib.miners import MINERS
+
+    for spec in map(parse_objective_spec, cfg.objective):
+        miner = spec.params.get("miner")
+        if not isinstance(miner, str) or miner not in MINERS:
+            continue
+        if not getattr(MINERS.get_class(miner), "learns_from_validation", False):
+            continue
+        if not cfg.val:
+            raise ValueError(f"--objective {spec.name}:...:miner={miner}: the {miner!r} miner learns from the change "
+                             "of the validation score, and --no-val trains without validation; drop --no-val or "
+                             "pick another miner")
+        if getattr(cfg, "optimize", False) and not getattr(cfg, "search_only", False):
+            raise ValueError(f"--objective {spec.name}:...:miner={miner} with --optimize: the final run trains on "
+                             f"train+val without validation, from which the {miner!r} miner learns; run the search "
+                             "with --search-only, then train with the best values and validation")
+
+
 def compose_objectives(base: Sequence[ObjectiveSpec], extra: Sequence) -> List[ObjectiveSpec]:
     """The mode's own objectives, then the user's (``--objective``). A user spec naming one of the
     mode's objectives replaces it (``--objective absolute:2`` reweights it, ``mined_triplet:1:margin=0.2``
@@ -178,6 +206,10 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
     objectives = nn.ModuleList([obj for _, obj in specs_objectives]).to(device)
     names = _unique_names([spec.name for spec, _ in specs_objectives])
     weights = [spec.weight for spec, _ in specs_objectives]
+    miners = learned_miners(objectives, names)  # updated after each validation with the score's change
+    if miners and not cfg.val:
+        raise ValueError(f"objective {miners[0][0]!r}: its {type(miners[0][1]).__name__} learns from the change of "
+                         "the validation score; this run has no validation (--no-val)")
 
     model: nn.Module = student
     if dist_info.enabled:
@@ -227,6 +259,8 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
     loader_kwargs = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                          persistent_workers=False)
     global_step = start_epoch * steps_per_epoch
+    # the validation score the learned miners' next reward is measured from
+    previous_score = next((h["val/score"] for h in reversed(history) if "val/score" in h), (start_val or {}).get("score"))
     for epoch in range(start_epoch, cfg.epochs):
         mode.set_epoch(epoch, student)  # may extract embeddings (sym mining), which leaves the net in eval
         model.train()
@@ -281,6 +315,20 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
                   f"{' (best)' if improved else f' (best {100 * best_score:.2f} at epoch {best_epoch})'}")
         elif dist_info.is_main:
             print(f">> {tag}epoch {epoch + 1}: loss {record['train/loss']:.4f}")
+        if miners and cfg.val and ((epoch + 1) % cfg.val_freq == 0 or epoch + 1 == cfg.epochs):
+            # (the condition of `validate` without the validator, which only rank 0 holds: every rank enters)
+            # validation runs on rank 0: its reward reaches every rank (the others add 0), and every rank's
+            # draws enter the one policy step, so the miners stay identical across ranks
+            score = metrics["score"] if dist_info.is_main else 0.0
+            reward = score - previous_score if dist_info.is_main and previous_score is not None else 0.0
+            reward = all_reduce_mean(reward, dist_info, device) * dist_info.world_size
+            previous_score = all_reduce_mean(score, dist_info, device) * dist_info.world_size
+            for name, miner in miners:
+                if dist_info.enabled:
+                    torch.distributed.all_reduce(miner.bin_counts)
+                stats = miner.update(reward)
+                record[f"train/{name}_miner_reward"] = reward
+                record[f"train/{name}_miner_entropy"] = stats["entropy"]
         if validator is None and dist_info.is_main:
             atomic_save(network_state(student, epoch=epoch + 1, mode=cfg.mode, **paired), best_path)  # no val: the last epoch
         history.append(record)

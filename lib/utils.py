@@ -9,7 +9,7 @@ import random
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -56,6 +56,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def environment() -> Dict[str, Any]:
+    """What, besides the code and the seed, decides the last bits of a result: the library versions,
+    torch's intra-op thread count and the CPU instruction set its kernels were picked for (README:
+    "Reproducibility"). Recorded in results.json."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ("torch", "torchvision", "timm", "numpy", "pillow", "scikit-learn", "scipy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)()
+    return {"versions": versions, "threads": torch.get_num_threads(), "cpu_capability": capability,
+            "onednn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)}
+
+
 def atomic_write(path: str | os.PathLike, write, suffix: str = ".tmp") -> Path:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a run killed
     mid-write leaves the previous file (or none), never a partial one. ``suffix`` is for writers that
@@ -100,4 +117,5 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[str]:
     return amp
 
 
-__all__ = ["resolve_amp", "autocast_context", "parse_scales", "select_device", "seed_everything", "write_json"]
+__all__ = ["resolve_amp", "autocast_context", "parse_scales", "select_device", "seed_everything", "write_json",
+           "environment"]

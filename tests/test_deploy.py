@@ -271,7 +271,7 @@ def test_training_records_the_teacher_and_logs_retrieval_grids(tmp_path, tiny_da
     """main.py: the student's checkpoints record the teacher's fingerprint, validation logs the grid to
     TensorBoard, the final table carries the query cost."""
     import main as main_module
-    from lib.checkpoint import load_network
+    from lib.models.loading import load_network
 
     run = tmp_path / "run"
     main_module.main(["--training-dataset", f"folder:{tiny_dataset}", "--test-datasets", f"folder:{tiny_dataset}-test",

@@ -142,7 +142,8 @@ def _main_worker(rank: int, world: int, port: int, argv):
 
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory):
-    from lib.checkpoint import atomic_save, get_network, network_state
+    from lib.checkpoint import atomic_save, network_state
+    from lib.models.loading import get_network
 
     torch.manual_seed(3)
     net = get_network("timm:resnet18", pooling="gem", whitening=16, pretrained=False, image_size=48)
@@ -152,7 +153,6 @@ def random_teacher(tmp_path_factory):
 
 
 def test_two_process_ddp_training_matches_one_process(tiny_dataset, tmp_path, random_teacher):
-    pytest.importorskip("main")
     from lib.checkpoint import load_checkpoint
 
     single, double = tmp_path / "one", tmp_path / "two"
@@ -178,7 +178,7 @@ def test_two_process_ddp_training_matches_one_process(tiny_dataset, tmp_path, ra
 
 def get_initial_student(state):
     """The student at step 0: rebuilt with the run's seed as ``run_stage`` does."""
-    from lib.checkpoint import get_network
+    from lib.models.loading import get_network
     from lib.utils import seed_everything
 
     cfg = state["config"]
@@ -192,7 +192,6 @@ def get_initial_student(state):
 def test_search_under_two_processes(tiny_dataset, tmp_path, random_teacher):
     """torchrun + --optimize: rank 0 runs the study, both ranks train every trial."""
     optuna = pytest.importorskip("optuna")
-    pytest.importorskip("main")
     run = tmp_path / "run"
     argv = [a for a in ddp_args(tiny_dataset, run, random_teacher) if a != "--no-val"]
     argv += ["--epochs", "1", "--optimize", "--trials", "2", "--search-only"]

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.checkpoint import (atomic_save, check_compatible, load_checkpoint, load_network, network_state,
-                            tensor_fingerprint)
+from lib.checkpoint import atomic_save, check_compatible, load_checkpoint, network_state, tensor_fingerprint
+from lib.models.loading import load_network
 from lib.models import POOLING, build_network, init_whitening_from_data, pca_whitening, set_batchnorm_eval
 from lib.models.backbones import create_backbone, efficientnet_lite_weights
 from lib.models.pooling import gem, mac, rmac, rmac_regions, spoc
@@ -238,3 +238,17 @@ def test_pca_whitening_decorrelates():
     init_whitening_from_data(net, x.repeat(1, 86)[:, :512].contiguous())
     with pytest.raises(ValueError, match="needs at least"):
         pca_whitening(x[:3], 4)
+
+
+def test_network_loading_lives_in_lib_models():
+    """get_network/load_network/network_from_state moved out of lib.checkpoint into lib.models.loading;
+    lib.checkpoint still hands out the same functions for code written against the old place."""
+    import lib.checkpoint
+    import lib.models
+    from lib.models import loading
+
+    for name in ("get_network", "load_network", "network_from_state"):
+        assert getattr(lib.models, name) is getattr(loading, name) is getattr(lib.checkpoint, name)
+        assert getattr(lib.models, name).__module__ == "lib.models.loading"
+    with pytest.raises(AttributeError):
+        lib.checkpoint.no_such_function

@@ -109,3 +109,23 @@ def test_ridge_is_chosen_on_held_out_classes():
         w, b = regression_whitening(x[~held], t[~held], r)
         scores[r] = float((F.normalize(x[held] @ w.T + b, dim=1) * t[held]).sum(1).mean())
     assert ridge == max(scores, key=scores.get) and cos == pytest.approx(scores[ridge])
+
+
+def test_pca_start_is_the_pca_whitening_of_the_pooled_descriptors(tiny_dataset, monkeypatch):
+    """--student-init pca goes through lib.models.init_whitening_from_data, the one PCA-whitening path,
+    and sets exactly the PCA whitening of the training images' pooled descriptors."""
+    import lib.student_init as student_init
+    from lib.extract import extract
+    from lib.models.net import pca_whitening
+
+    calls = []
+    original = student_init.init_whitening_from_data
+    monkeypatch.setattr(student_init, "init_whitening_from_data", lambda net, pooled: (calls.append(1), original(net, pooled)))
+    torch.manual_seed(0)
+    net = build_network("timm:resnet18", "gem", 16, pretrained=False)
+    paths = _paths(tiny_dataset)
+    initialise_student("pca", net, None, paths, _labels(tiny_dataset), image_size=32, teacher_image_size=32,
+                       device="cpu", teacher_device="cpu")
+    weight, bias = pca_whitening(extract(net, paths, 32, pooled=True), 16)
+    assert calls == [1]
+    assert torch.allclose(net.whiten.weight, weight, atol=1e-5) and torch.allclose(net.whiten.bias, bias, atol=1e-5)

@@ -124,7 +124,7 @@ def test_test_py_writes_pictures_and_cost(tmp_path, tiny_dataset):
     assert saved["cost"]["student"]["image_size"] == 32 and saved["cost"]["teacher"]["image_size"] == 48
     figures = next(iter(out["figures"].values()))
     names = sorted(p.split("/")[-1] for p in figures)
-    assert names == ["res-images-test-grid.png", "res-images-test-pr-asym.png", "res-images-test-pr-sym.png",
-                     "res-images-test-pr-teacher.png"]
+    assert names == ["res-images-test-grid.png", "res-images-test-pr-asym.png", "res-images-test-pr-naive.png",
+                     "res-images-test-pr-sym.png", "res-images-test-pr-teacher.png"]
     grid = Image.open(tmp_path / "r" / "res-images-test-grid.png")
     assert grid.size == GridLayout(rows=3, k=4, blocks=2).size

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lib.checkpoint import load_checkpoint, network_fingerprint, network_from_state
+from lib.checkpoint import load_checkpoint, network_fingerprint
+from lib.models.loading import network_from_state
 from lib.data.datasets import ImageList
 from lib.data.transforms import EvalTransform
 from lib.deploy.index import Backend, DatabaseIndex

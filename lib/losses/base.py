@@ -17,6 +17,7 @@ from typing import Any, Dict, Mapping, Union
 from torch import Tensor, nn
 
 from lib.embeddings import Embeddings
+from lib.losses.functional import check_labels
 from lib.registry import Registry
 
 OBJECTIVES = Registry("objective")
@@ -46,6 +47,30 @@ class Objective(nn.Module):
 
     def forward(self, batch: Embeddings) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class ProxyObjective(Objective):
+    """Base of the objectives that hold per-class parameters (proxies, centres): ``embedding_dim`` and
+    ``num_classes`` checked, labels checked against ``num_classes`` (:meth:`class_labels`), the class
+    parameters trained at ``lr * lr_multiplier``. ``asymmetric=True`` is refused unless the subclass
+    sets ``supports_asymmetric`` (its proxies can then come from the teacher)."""
+
+    supports_asymmetric = False
+
+    def __init__(self, embedding_dim: int, num_classes: int, lr_multiplier: float = 1.0, asymmetric: bool = False):
+        super().__init__(asymmetric)
+        if asymmetric and not self.supports_asymmetric:
+            raise ValueError(f"{type(self).__name__}: asymmetric=True is not meaningful for a proxy loss "
+                             "(the proxies are the reference side); use asymmetric=False")
+        if embedding_dim < 1 or num_classes < 1:
+            raise ValueError(f"{type(self).__name__}: embedding_dim={embedding_dim} and num_classes={num_classes} "
+                             "must be >= 1")
+        self.embedding_dim, self.num_classes, self.lr_multiplier = embedding_dim, num_classes, float(lr_multiplier)
+
+    def class_labels(self, labels: Tensor) -> Tensor:
+        """``labels`` as class indices (long), refused outside ``0..num_classes-1``."""
+        check_labels(labels, self.num_classes, type(self).__name__)
+        return labels.long()
 
 
 @dataclass
@@ -118,4 +143,4 @@ def build_objective(spec, *, embedding_dim: int, num_classes: int) -> tuple[Obje
     return spec, cls(**kwargs)
 
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveSpec", "parse_objective_spec", "build_objective"]
+__all__ = ["OBJECTIVES", "Objective", "ProxyObjective", "ObjectiveSpec", "parse_objective_spec", "build_objective"]

@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lib.embeddings import Embeddings
-from lib.losses.base import OBJECTIVES, Objective
+from lib.losses.base import OBJECTIVES, Objective, ProxyObjective
+from lib.losses.functional import EPS, check_labels, euclidean_distances, row_distances
+from lib.losses.functional import masked_log1p_sum_exp as _log1p_sum_exp
+from lib.losses.functional import masked_logsumexp as _masked_logsumexp
 from lib.miners import Miner, _random_choice, build_miner
-
-EPS = 1e-8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -51,14 +52,8 @@ def _zero(x: Tensor) -> Tensor:
 
 
 def pair_distances(x: Tensor, y: Tensor) -> Tensor:
-    """(N, M) Euclidean distances ``sqrt(|x_i - y_j|^2 + 1e-8)``."""
-    sq = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2 * x @ y.T
-    return (sq.clamp(min=0) + EPS).sqrt()
-
-
-def row_distances(u: Tensor, v: Tensor) -> Tensor:
-    """Row-wise Euclidean distances ``sqrt(|u_k - v_k|^2 + 1e-8)``."""
-    return ((u - v).pow(2).sum(-1) + EPS).sqrt()
+    """(N, M) Euclidean distances ``sqrt(|x_i - y_j|^2 + 1e-8)`` (``lib.losses.functional``)."""
+    return euclidean_distances(x, y, eps=EPS)
 
 
 def pair_masks(labels: Tensor, asymmetric: bool, num_ref: Optional[int] = None) -> Tuple[Tensor, Tensor]:
@@ -70,26 +65,6 @@ def pair_masks(labels: Tensor, asymmetric: bool, num_ref: Optional[int] = None) 
     return pos, ~same
 
 
-def _log1p_sum_exp(z: Tensor, mask: Tensor) -> Tensor:
-    """Row-wise ``log(1 + sum_{mask} exp(z))``, stable."""
-    z = z.masked_fill(~mask, float("-inf"))
-    return torch.logsumexp(torch.cat([torch.zeros_like(z[:, :1]), z], 1), dim=1)
-
-
-def _masked_logsumexp(z: Tensor, mask: Tensor) -> Tensor:
-    return torch.logsumexp(z.masked_fill(~mask, float("-inf")), dim=1)
-
-
-def _no_asymmetric(obj: Objective) -> None:
-    if obj.asymmetric:
-        raise ValueError(f"{type(obj).__name__}: asymmetric=True is not meaningful for a proxy loss "
-                         "(the proxies are the reference side); use asymmetric=False")
-
-
-def _check_labels(labels: Tensor, num_classes: int, name: str) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"{name}: labels must lie in [0, num_classes={num_classes}), got "
-                         f"[{int(labels.min())}, {int(labels.max())}]; the trainer maps classes to 0..C-1")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,7 +378,7 @@ class MarginLoss(_MinedObjective):
 
     def forward(self, batch: Embeddings) -> Tensor:
         if self.per_class:
-            _check_labels(batch.labels, self.num_classes, "margin")
+            check_labels(batch.labels, self.num_classes, "margin")
         ref, a, p, n = self.mine(batch)
         beta = self.beta[batch.labels[a]] if self.per_class else self.beta.expand(len(a))
         return margin_loss(batch.student, ref, a, p, n, beta, self.margin, self.nu)
@@ -565,22 +540,8 @@ class MultiSimilarityLoss(Objective):
                                     alpha=self.alpha, beta=self.beta, margin=self.margin, threshold=self.threshold)
 
 
-class _ProxyObjective(Objective):
-    def __init__(self, embedding_dim: int, num_classes: int, lr_multiplier: float, asymmetric: bool):
-        super().__init__(asymmetric)
-        _no_asymmetric(self)
-        if embedding_dim < 1 or num_classes < 1:
-            raise ValueError(f"{type(self).__name__}: embedding_dim and num_classes must be >= 1, "
-                             f"got {embedding_dim}, {num_classes}")
-        self.embedding_dim, self.num_classes, self.lr_multiplier = embedding_dim, num_classes, lr_multiplier
-
-    def _labels(self, batch: Embeddings) -> Tensor:
-        _check_labels(batch.labels, self.num_classes, type(self).__name__)
-        return batch.labels.long()
-
-
 @OBJECTIVES.register("proxynca")
-class ProxyNCALoss(_ProxyObjective):
+class ProxyNCALoss(ProxyObjective):
     """ProxyNCA, :func:`proxynca_loss`. Revisiting defaults: one proxy per class initialised
     ``N(0, 1) / 8``, scale 3, proxy ``lr_multiplier`` 50. ``asymmetric=True`` raises ValueError."""
 
@@ -591,7 +552,7 @@ class ProxyNCALoss(_ProxyObjective):
         self.proxies = nn.Parameter(torch.randn(num_classes, embedding_dim) / 8)
 
     def forward(self, batch: Embeddings) -> Tensor:
-        return proxynca_loss(batch.student, self.proxies, self._labels(batch), self.scale)
+        return proxynca_loss(batch.student, self.proxies, self.class_labels(batch.labels), self.scale)
 
 
 def _uniform_proxies(rows: int, cols: int, fan: int) -> nn.Parameter:
@@ -600,7 +561,7 @@ def _uniform_proxies(rows: int, cols: int, fan: int) -> nn.Parameter:
 
 
 @OBJECTIVES.register("softmax")
-class NormalizedSoftmaxLoss(_ProxyObjective):
+class NormalizedSoftmaxLoss(ProxyObjective):
     """Normalised softmax, :func:`normalized_softmax_loss`. Revisiting defaults: temperature 0.05,
     proxies ``U(-1/sqrt(D), 1/sqrt(D))``, ``lr_multiplier`` 1 (its proxy lr 1e-5 = its base lr).
     ``asymmetric=True`` raises ValueError."""
@@ -612,11 +573,11 @@ class NormalizedSoftmaxLoss(_ProxyObjective):
         self.proxies = _uniform_proxies(num_classes, embedding_dim, embedding_dim)
 
     def forward(self, batch: Embeddings) -> Tensor:
-        return normalized_softmax_loss(batch.student, self.proxies, self._labels(batch), self.temperature)
+        return normalized_softmax_loss(batch.student, self.proxies, self.class_labels(batch.labels), self.temperature)
 
 
 @OBJECTIVES.register("arcface")
-class ArcFaceLoss(_ProxyObjective):
+class ArcFaceLoss(ProxyObjective):
     """ArcFace, :func:`arcface_loss`. Revisiting defaults: angular margin 0.5 rad, scale 16, proxies
     ``U(-1/sqrt(D), 1/sqrt(D))``, ``lr_multiplier`` 50 (proxy lr 5e-4 over base lr 1e-5).
     ``asymmetric=True`` raises ValueError."""
@@ -628,11 +589,11 @@ class ArcFaceLoss(_ProxyObjective):
         self.proxies = _uniform_proxies(num_classes, embedding_dim, embedding_dim)
 
     def forward(self, batch: Embeddings) -> Tensor:
-        return arcface_loss(batch.student, self.proxies, self._labels(batch), self.margin, self.scale)
+        return arcface_loss(batch.student, self.proxies, self.class_labels(batch.labels), self.margin, self.scale)
 
 
 @OBJECTIVES.register("softtriple")
-class SoftTripleLoss(_ProxyObjective):
+class SoftTripleLoss(ProxyObjective):
     """SoftTriple, :func:`softtriple_loss`. Revisiting defaults: 2 centres per class, margin (delta)
     0.01, gamma 0.1, lambda (``la``) 8, reg_weight (tau) 0.2, ``lr_multiplier`` 1 (``--loss_softtriplet_lrmulti``);
     centres ``U(-1/sqrt(C K), 1/sqrt(C K))``. ``asymmetric=True`` raises ValueError."""
@@ -648,7 +609,7 @@ class SoftTripleLoss(_ProxyObjective):
         self.centers = _uniform_proxies(embedding_dim, num_classes * centers_per_class, num_classes * centers_per_class)
 
     def forward(self, batch: Embeddings) -> Tensor:
-        return softtriple_loss(batch.student, self.centers, self._labels(batch), self.num_classes,
+        return softtriple_loss(batch.student, self.centers, self.class_labels(batch.labels), self.num_classes,
                                self.centers_per_class, self.margin, self.gamma, self.la, self.reg_weight)
 
 

@@ -26,19 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lib.embeddings import Embeddings
-from lib.losses.base import OBJECTIVES, Objective
+from lib.losses.base import OBJECTIVES, Objective, ProxyObjective
+from lib.losses.functional import masked_log1p_sum_exp
 
 
 # ----------------------------------------------------------------------------------------- math
-def masked_log1p_sum_exp(logits: Tensor, mask: Tensor, dim: int) -> Tensor:
-    """``log(1 + sum_{j in mask} exp(logits_j))`` along ``dim``; 0 where the mask is empty."""
-    masked = logits.masked_fill(~mask, float("-inf"))
-    shape = list(masked.shape)
-    shape[dim] = 1
-    zeros = torch.zeros(shape, dtype=masked.dtype, device=masked.device)
-    return torch.logsumexp(torch.cat([masked, zeros], dim=dim), dim=dim)
-
-
 def cosine_to_proxies(embeddings: Tensor, proxies: Tensor) -> Tensor:
     """(N, C) cosine similarities of the rows of ``embeddings`` with the proxies."""
     return F.normalize(embeddings, dim=-1) @ F.normalize(proxies, dim=-1).T
@@ -116,30 +108,23 @@ def init_proxies(num_classes: int, embedding_dim: int, init: str) -> Tensor:
     return proxies
 
 
-class _ProxyObjective(Objective):
+class _TeacherProxyObjective(ProxyObjective):
     """Holds the proxies: a learned ``nn.Parameter``, or with ``asymmetric=True`` a buffer of teacher
     class centres (see the module docstring)."""
 
+    supports_asymmetric = True
+
     def __init__(self, embedding_dim: int, num_classes: int, init: str, lr_multiplier: float,
                  asymmetric: bool = False, teacher_momentum: float = 0.9):
-        super().__init__(asymmetric=asymmetric)
-        if embedding_dim < 1 or num_classes < 1:
-            raise ValueError(f"embedding_dim={embedding_dim} and num_classes={num_classes} must be positive")
+        super().__init__(embedding_dim, num_classes, lr_multiplier, asymmetric)
         if not 0.0 <= teacher_momentum < 1.0:
             raise ValueError(f"teacher_momentum={teacher_momentum} must lie in [0, 1)")
-        self.num_classes = num_classes
-        self.lr_multiplier = float(lr_multiplier)
         self.teacher_momentum = teacher_momentum
         if asymmetric:
             self.register_buffer("proxies", torch.zeros(num_classes, embedding_dim))
             self.register_buffer("proxy_seen", torch.zeros(num_classes, dtype=torch.bool))
         else:
             self.proxies = nn.Parameter(init_proxies(num_classes, embedding_dim, init))
-
-    def _check_labels(self, labels: Tensor) -> None:
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"{type(self).__name__}: labels must lie in 0..{self.num_classes - 1} "
-                             f"(num_classes), got {int(labels.min())}..{int(labels.max())}")
 
     @torch.no_grad()
     def _update_teacher_proxies(self, teacher: Tensor, labels: Tensor) -> None:
@@ -156,8 +141,7 @@ class _ProxyObjective(Objective):
 
     def proxies_and_labels(self, batch: Embeddings) -> tuple[Tensor, Tensor]:
         """The proxies to compare ``batch.student`` with, and the labels indexing them."""
-        labels = batch.labels.long()
-        self._check_labels(labels)
+        labels = self.class_labels(batch.labels)
         if not self.asymmetric:
             return self.proxies, labels
         teacher = self.reference(batch)
@@ -176,7 +160,7 @@ class _ProxyObjective(Objective):
 
 
 @OBJECTIVES.register("proxyanchor")
-class ProxyAnchor(_ProxyObjective):
+class ProxyAnchor(_TeacherProxyObjective):
     """ProxyAnchor (Kim et al. CVPR 2020), see :func:`proxy_anchor_loss`. Defaults are the paper's:
     ``alpha=32``, ``margin=0.1``, kaiming-normal proxies at 100x the learning rate."""
 
@@ -195,7 +179,7 @@ class ProxyAnchor(_ProxyObjective):
 
 
 @OBJECTIVES.register("oproxy")
-class OProxy(_ProxyObjective):
+class OProxy(_TeacherProxyObjective):
     """The NIR repository's ``oproxy`` criterion, see :func:`oproxy_loss`. Defaults are the repo's
     (``parameters.py``): alphas 32, deltas +0.1 / -0.1, proxies N(0, 1)/8 at 2000x the learning rate."""
 

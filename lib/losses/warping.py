@@ -46,14 +46,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lib.embeddings import Embeddings
-from lib.losses.base import OBJECTIVES, Objective
+from lib.losses import functional
+from lib.losses.base import OBJECTIVES, ProxyObjective
 
 
 def euclidean_distances(x: Tensor, y: Tensor, eps: float = 1e-12) -> Tensor:
-    """(M, N) Euclidean distances; squared distances clamped at ``eps`` before the square root
-    (as the repo), so the gradient stays finite at zero distance."""
-    squared = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1)[None, :] - 2 * x @ y.T
-    return squared.clamp_min(eps).sqrt()
+    """(M, N) Euclidean distances; squared distances floored at ``eps`` before the square root
+    (as the repo), so the gradient stays finite at zero distance (``lib.losses.functional``)."""
+    return functional.euclidean_distances(x, y, floor=eps)
 
 
 def warped_distances(distances: Tensor, labels: Tensor, k1: float, k2: float, alpha: float,
@@ -78,7 +78,7 @@ def softmax_warp_loss(embeddings: Tensor, proxies: Tensor, labels: Tensor, k1: f
 
 
 @OBJECTIVES.register("warp")
-class SoftmaxWarping(Objective):
+class SoftmaxWarping(ProxyObjective):
     """Realigned softmax warping over the un-normalised student embeddings (module docstring).
     ``asymmetric=True`` is rejected: the proxies are the reference side here and the loss acts on
     the student's raw geometry (norms included), which the teacher's unit-norm embeddings lack."""
@@ -94,13 +94,9 @@ class SoftmaxWarping(Objective):
         if asymmetric:
             raise ValueError("objective 'warp' does not support asymmetric=True: it trains the student's "
                              "un-normalised embeddings against learned proxies")
-        super().__init__()
-        if embedding_dim < 1 or num_classes < 1:
-            raise ValueError(f"embedding_dim={embedding_dim} and num_classes={num_classes} must be positive")
+        super().__init__(embedding_dim, num_classes, lr_multiplier)
         if followup_epoch is not None and followup_epoch < 0:
             raise ValueError(f"warp followup_epoch={followup_epoch} must be >= 0 or None")
-        self.num_classes = num_classes
-        self.lr_multiplier = float(lr_multiplier)
         self.warp = warp
         self.followup_epoch = followup_epoch
         self.regular = dict(k1=k1, k2=k2, alpha=alpha, temperature=temperature, margin=margin)
@@ -121,10 +117,7 @@ class SoftmaxWarping(Objective):
         if batch.student_raw is None:
             raise ValueError("objective 'warp' needs the un-normalised student embeddings "
                              "(Embeddings.student_raw), which this mode did not provide")
-        labels = batch.labels.long()
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"warp: labels must lie in 0..{self.num_classes - 1} (num_classes), "
-                             f"got {int(labels.min())}..{int(labels.max())}")
+        labels = self.class_labels(batch.labels)
         raw = batch.student_raw
         # Euclidean distances by expansion cancel badly in float16: compute them at the proxies'
         # precision with autocast off
