@@ -42,7 +42,7 @@ def dot(a, b):
     return sum(x * y for x, y in zip(a, b))
 
 
-def dist(a, b):
+def euclid(a, b):
     return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
 
 
@@ -66,7 +66,7 @@ def sigmoid(x):
 def test_fitnet_by_hand():
     s, t = pair(seed=2)
     S, T = rows(s), rows(t)
-    assert float(fitnet_loss(s, t, "l2")) == pytest.approx(sum(dist(a, b) ** 2 for a, b in zip(S, T)) / 12, rel=1e-12)
+    assert float(fitnet_loss(s, t, "l2")) == pytest.approx(sum(euclid(a, b) ** 2 for a, b in zip(S, T)) / 12, rel=1e-12)
     cos = [dot(a, b) / math.sqrt(dot(a, a) * dot(b, b)) for a, b in zip(S, T)]
     assert float(fitnet_loss(2 * s, t, "cosine")) == pytest.approx(sum(1 - c for c in cos) / 12, rel=1e-12)
 
@@ -76,9 +76,9 @@ def test_rkd_by_hand():
     S, T = rows(s), rows(t)
     n = len(S)
     pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
-    mu_s = sum(dist(S[i], S[j]) for i, j in pairs) / len(pairs)
-    mu_t = sum(dist(T[i], T[j]) for i, j in pairs) / len(pairs)
-    expected_d = sum(huber(dist(S[i], S[j]) / mu_s - dist(T[i], T[j]) / mu_t) for i, j in pairs) / len(pairs)
+    mu_s = sum(euclid(S[i], S[j]) for i, j in pairs) / len(pairs)
+    mu_t = sum(euclid(T[i], T[j]) for i, j in pairs) / len(pairs)
+    expected_d = sum(huber(euclid(S[i], S[j]) / mu_s - euclid(T[i], T[j]) / mu_t) for i, j in pairs) / len(pairs)
 
     def angle(X, i, j, k):  # the angle at x_j between x_i and x_k
         e1 = [a - b for a, b in zip(X[i], X[j])]
@@ -123,7 +123,7 @@ def test_cc_by_hand(order):
 
     def kernel(a, b):
         if order is None:
-            return math.exp(-gamma * dist(a, b) ** 2)
+            return math.exp(-gamma * euclid(a, b) ** 2)
         return sum(math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * dot(a, b) ** p for p in range(order + 1))
 
     expected = sum((kernel(S[i], S[j]) - kernel(T[i], T[j])) ** 2 for i in range(5) for j in range(5)) / 25
