@@ -71,8 +71,8 @@ FIGURES+=("$(awk '/^ours/ {o=$3} /^reference/ {r=$3} /speed-up/ {s=$NF} END {pri
 
 # 3. input pipeline vs network
 run_step "pipeline" 200 pipeline.log $PY benchmarks/bench_pipeline.py "${PIPE_ARGS[@]}"
-FIGURES+=("$(awk '/1 process, 1 thread/ {printf "%s %s views/s/worker; ", $1, $5} /^network/ {printf "network %s views/s; ", $NF}
-                  /DataLoader/ {best[$1]=$0} END {for (b in best) {split(best[b], f, " "); printf "%s max loader %s views/s ratio %s; ", b, f[5], f[7]}}' "$LOGS/pipeline.log")")
+FIGURES+=("$(awk '/1 process, 1 thread/ {printf "%s %s views/s/worker; ", $1, $6} /^network/ {printf "network %s views/s; ", $NF}
+                  /DataLoader/ {best[$1]=$0} END {for (b in best) {split(best[b], f, " "); printf "%s %s workers %s views/s, ratio %s; ", b, f[3], f[5], f[7]}}' "$LOGS/pipeline.log")")
 
 # 4. evaluation on the device
 run_step "evaluation" 110 eval.log $PY benchmarks/bench_eval.py "${EVAL_ARGS[@]}"

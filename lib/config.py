@@ -77,7 +77,7 @@ class Config:
     view_backend: str = opt("pil", "how 'ts_aug' views are resized and mixed: pil (Pillow, float views from the "
                                    "workers; bit-identical to earlier runs) or tensor (torchvision's uint8 resize, "
                                    "uint8 views mixed and normalised on the device; pixels within 1/255, about "
-                                   "2x the views/s per worker)", choices=("pil", "tensor"))
+                                   "1.5x the views/s per worker)", choices=("pil", "tensor"))
     # optimisation
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     gpu_id: Optional[str] = opt(None, "seed compatibility: '0' or '0,1' (the teacher on the second GPU)", "-g")

@@ -95,7 +95,8 @@ class PairedViews:
     - ``"tensor"``: torchvision's uint8 bilinear antialiased resize (``render_uint8``), normalising
       and mixup left to :func:`mix_and_normalize` on the training device. A pixel differs from the
       ``"pil"`` one by at most 1/255 before normalisation (the two resizers round differently; checked
-      by tests/test_transforms.py), and the worker ships uint8, a quarter of the float32 bytes.
+      by tests/test_transforms.py), and the worker ships uint8 (with mixup both images: half the bytes
+      of one float32 view).
     """
 
     def __init__(self, sizes: Sequence[int], norms: Sequence[Tuple[Sequence[float], Sequence[float]]],
