@@ -33,7 +33,7 @@ if [[ $MODE == cuda ]]; then
   NPROC=$(nproc)
   WORKERS=1,2,4
   if (( NPROC >= 16 )); then WORKERS=1,2,4,8,16; elif (( NPROC >= 8 )); then WORKERS=1,2,4,8; fi
-  PIPE_ARGS=(--device cuda --arch tv:resnet50 --workers "$WORKERS" --samples 6 --batches 4 --steps 5)
+  PIPE_ARGS=(--device cuda --arch tv:resnet50 --workers "$WORKERS" --samples 6 --batches 3 --steps 5)
   EVAL_ARGS=(--device cuda --sizes 5924,60502 --repeats 3)
 else
   GPUS=0
@@ -62,20 +62,20 @@ run_step() {  # name, time limit (s), log file, command...
 }
 
 # 1. CUDA-marked tests
-run_step "cuda tests" 90 tests.log $PY -m pytest -q -m cuda tests/test_cuda.py
+run_step "cuda tests" 60 tests.log $PY -m pytest -q -m cuda tests/test_cuda.py
 FIGURES+=("$(grep -Eo '[0-9]+ passed|[0-9]+ failed|[0-9]+ skipped' "$LOGS/tests.log" | paste -sd, -)")
 
 # 2. training step, AMP + channels_last
-run_step "train step" 100 train_step.log $PY benchmarks/bench_train_step.py --device $DEVICE "${STEP_ARGS[@]}"
+run_step "train step" 70 train_step.log $PY benchmarks/bench_train_step.py --device $DEVICE "${STEP_ARGS[@]}"
 FIGURES+=("$(awk '/^ours/ {o=$3} /^reference/ {r=$3} /speed-up/ {s=$NF} END {printf "ours %s img/s, reference %s img/s, %s", o, r, s}' "$LOGS/train_step.log")")
 
 # 3. input pipeline vs network
-run_step "pipeline" 200 pipeline.log $PY benchmarks/bench_pipeline.py "${PIPE_ARGS[@]}"
+run_step "pipeline" 130 pipeline.log $PY benchmarks/bench_pipeline.py "${PIPE_ARGS[@]}"
 FIGURES+=("$(awk '/1 process, 1 thread/ {printf "%s %s views/s/worker; ", $1, $6} /^network/ {printf "network %s views/s; ", $NF}
                   /DataLoader/ {best[$1]=$0} END {for (b in best) {split(best[b], f, " "); printf "%s %s workers %s views/s, ratio %s; ", b, f[3], f[5], f[7]}}' "$LOGS/pipeline.log")")
 
 # 4. evaluation on the device
-run_step "evaluation" 110 eval.log $PY benchmarks/bench_eval.py "${EVAL_ARGS[@]}"
+run_step "evaluation" 150 eval.log $PY benchmarks/bench_eval.py "${EVAL_ARGS[@]}"
 FIGURES+=("$(awk -F'|' '/^ *[0-9]+ +(cub|sop)/ {split($1, a, " "); split($3, r, " "); split($4, g, " "); printf "N=%s %s %sx %s GB %s; ", a[1], a[2], r[1], g[2], $6}' "$LOGS/eval.log" | tr -s ' ')")
 
 # 5. two GPUs: torchrun, NCCL
@@ -84,7 +84,7 @@ if (( GPUS >= 2 )); then
   rm -rf "$RUN" "$LOGS/ddp-teacher"
   TINY=(--student timm:resnet18 --not-pretrained --whitening 64 --image-size 96 --teacher-image-size 128
         --test-datasets "" --logger none --workers 4 --no-val --overwrite)
-  run_step "torchrun 2 GPUs" 110 ddp.log bash -c "
+  run_step "torchrun 2 GPUs" 70 ddp.log bash -c "
     $PY main.py ${TINY[*]@Q} --mode sym --epochs 1 --query-size 256 --directory $LOGS/ddp-teacher &&
     torchrun --standalone --nproc_per_node 2 main.py ${TINY[*]@Q} --mode ts_aug --epochs 1 --query-size 512 \
       --batch-size 16 --pos-num 4 --teacher-path $LOGS/ddp-teacher/model_best.pth --directory $RUN"
