@@ -88,6 +88,40 @@ def timed(fn, steps, warmup, device):
     return (time.perf_counter() - start) / steps
 
 
+def networks(arch: str, whitening: int, device: torch.device):
+    torch.manual_seed(0)
+    base = build_network(arch, "gem", whitening, pretrained=False)
+
+    def fresh():
+        student, teacher = copy.deepcopy(base).to(device), copy.deepcopy(base).to(device)
+        student.train()
+        set_batchnorm_eval(student)
+        teacher.eval()
+        return student, teacher, torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=1e-6)
+
+    return fresh
+
+
+def time_our_step(arch: str = "tf_efficientnet_lite0", image_size: int = 64, teacher_image_size: int = 128,
+                  batch_size: int = 4, pos_num: int = 4, whitening: int = 512, steps: int = 5, warmup: int = 2,
+                  device="cpu", amp: str = "auto", channels_last=None):
+    """Seconds per ``ts_aug`` step of ours and the AMP mode used (also called by bench_pipeline.py).
+    ``channels_last`` None: on CUDA only."""
+    device = torch.device(device)
+    s_in = torch.randn(batch_size, pos_num, 3, image_size, image_size, device=device)
+    t_in = torch.randn(batch_size, pos_num, 3, teacher_image_size, teacher_image_size, device=device)
+    amp = resolve_amp(amp, device)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    student, teacher, opt = networks(arch, whitening, device)()
+    if channels_last:
+        student.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    seconds = timed(lambda: our_step(student, teacher, opt, s_in, t_in, 0.7, 0.7, amp, channels_last, scaler),
+                    steps, warmup, device)
+    return seconds, amp
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="tf_efficientnet_lite0")
@@ -100,38 +134,33 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="channels_last inputs and networks for ours (auto: on CUDA)")
+    p.add_argument("--skip-reference", action="store_true", help="time ours only")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    base = build_network(args.arch, "gem", args.whitening, pretrained=False)
     views = args.batch_size * args.pos_num
-    s_in = torch.randn(args.batch_size, args.pos_num, 3, args.image_size, args.image_size, device=device)
-    t_in = torch.randn(args.batch_size, args.pos_num, 3, args.teacher_image_size, args.teacher_image_size, device=device)
-
-    def fresh():
-        student, teacher = copy.deepcopy(base).to(device), copy.deepcopy(base).to(device)
-        student.train()
-        set_batchnorm_eval(student)
-        teacher.eval()
-        return student, teacher, torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=1e-6)
-
-    student, teacher, opt = fresh()
-    ref = timed(lambda: reference_step(student, teacher, opt, s_in, t_in, 0.7, 0.7), args.steps, args.warmup, device)
-    amp = resolve_amp(args.amp, device)
-    channels_last = device.type == "cuda"
-    student, teacher, opt = fresh()
-    if channels_last:
-        student.to(memory_format=torch.channels_last)
-        teacher.to(memory_format=torch.channels_last)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-    ours = timed(lambda: our_step(student, teacher, opt, s_in, t_in, 0.7, 0.7, amp, channels_last, scaler),
-                 args.steps, args.warmup, device)
+    ref = None
+    if not args.skip_reference:
+        s_in = torch.randn(args.batch_size, args.pos_num, 3, args.image_size, args.image_size, device=device)
+        t_in = torch.randn(args.batch_size, args.pos_num, 3, args.teacher_image_size, args.teacher_image_size,
+                           device=device)
+        student, teacher, opt = networks(args.arch, args.whitening, device)()
+        ref = timed(lambda: reference_step(student, teacher, opt, s_in, t_in, 0.7, 0.7), args.steps, args.warmup,
+                    device)
+    channels_last = {"auto": None, "on": True, "off": False}[args.channels_last]
+    ours, amp = time_our_step(args.arch, args.image_size, args.teacher_image_size, args.batch_size, args.pos_num,
+                              args.whitening, args.steps, args.warmup, device, args.amp, channels_last)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"{args.arch}, batch {args.batch_size} x {args.pos_num} views, student {args.image_size}px, "
-          f"teacher {args.teacher_image_size}px, amp {amp or 'off'}")
+          f"teacher {args.teacher_image_size}px, amp {amp or 'off'}, "
+          f"channels_last {'on' if (channels_last if channels_last is not None else device.type == 'cuda') else 'off'}")
     print(f"{'step':<12}{'s/step':>10}{'images/s':>12}")
-    print(f"{'reference':<12}{ref:>10.3f}{views / ref:>12.1f}")
+    if ref is not None:
+        print(f"{'reference':<12}{ref:>10.3f}{views / ref:>12.1f}")
     print(f"{'ours':<12}{ours:>10.3f}{views / ours:>12.1f}")
+    if ref is None:
+        return None
     print(f"speed-up ours / reference: {ref / ours:.2f}x")
     return ref / ours
 

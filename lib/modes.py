@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lib.cache import EmbeddingCache
 from lib.data.datasets import ImageList
 from lib.data.training import AugmentedImages, PairedViewDataset
-from lib.data.transforms import EvalTransform, PairedViews
+from lib.data.transforms import EvalTransform, PairedViews, mix_and_normalize
 from lib.embeddings import Embeddings
 from lib.extract import cached_extract, extract
 from lib.losses.base import ObjectiveSpec
@@ -93,7 +93,7 @@ class TSAug(Mode):
         cfg, teacher = self.cfg, self.teacher
         views = PairedViews([cfg.image_size, cfg.teacher_image_size],
                             [(student.meta["mean"], student.meta["std"]), (teacher.meta["mean"], teacher.meta["std"])],
-                            scale=(cfg.crop_scale, 1.0))
+                            scale=(cfg.crop_scale, 1.0), backend=cfg.view_backend)
         return PairedViewDataset(self.paths, self.labels.tolist(), views, cfg.pos_num, cfg.mixup_alpha, cfg.seed)
 
     def build_sampler(self):
@@ -119,7 +119,13 @@ class TSAug(Mode):
         return specs
 
     def embed(self, batch, student, epoch):
-        student_views, teacher_views, labels, _ = batch
+        if len(batch) == 5:  # the 'tensor' view backend: uint8 views, mixed and normalised here on the device
+            student_views, teacher_views, weights, labels, _ = batch
+            (s_mean, s_std), (t_mean, t_std) = self.dataset.views.norms
+            student_views = mix_and_normalize(student_views.to(self.device, non_blocking=True), weights, s_mean, s_std)
+            teacher_views = mix_and_normalize(teacher_views.to(self.teacher_device, non_blocking=True), weights, t_mean, t_std)
+        else:
+            student_views, teacher_views, labels, _ = batch
         b, p = student_views.shape[:2]
         with torch.no_grad():
             teacher = self.teacher(self._to(teacher_views.flatten(0, 1), self.teacher_device)).float()

@@ -256,6 +256,8 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
         print(f">> {tag}epoch 0 (start): val mAP {100 * start_val['score']:.2f}{_alignment_note(start_val)}")
     else:
         start_val = None
+    # not persistent: a worker holds the copy of the dataset made when it started, and set_epoch (the
+    # per-sample generators' epoch, the sym negatives) reaches the workers only through a fresh start
     loader_kwargs = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                          persistent_workers=False)
     global_step = start_epoch * steps_per_epoch

@@ -226,3 +226,36 @@ def test_sym_training_on_many_classes_improves_on_its_start_without_collapse(tmp
     other = ~torch.eye(len(vecs), dtype=torch.bool)
     assert float(cos[other].mean()) < 0.9, float(cos[other].mean())
     assert float(cos[same & other].mean() - cos[~same].mean()) > 0.1
+
+
+def test_tensor_view_backend_trains_and_resumes_exactly(tiny_dataset, tmp_path, monkeypatch):
+    """--view-backend tensor (uint8 views mixed and normalised in the mode): a run stopped right after
+    its first epoch's checkpoint and resumed ends where an uninterrupted run ends."""
+    import lib.trainer
+
+    teacher = _teacher(tiny_dataset, tmp_path)
+    common = ["--teacher-path", str(teacher), "--mode", "ts_aug", "--view-backend", "tensor", "--no-val",
+              "--test-datasets", ""]
+    main_module.main(tiny_args(tiny_dataset, tmp_path / "straight", *common))
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(state, path, *args, **kwargs):
+        saved(state, path, *args, **kwargs)
+        if Path(path).name == "checkpoint_last.pth" and state.get("epoch") == 1:
+            raise Stop
+
+    saved = lib.trainer.atomic_save
+    monkeypatch.setattr(lib.trainer, "atomic_save", save_then_stop)
+    with pytest.raises(Stop):
+        main_module.main(tiny_args(tiny_dataset, tmp_path / "split", *common))
+    monkeypatch.setattr(lib.trainer, "atomic_save", saved)
+    main_module.main(tiny_args(tiny_dataset, tmp_path / "split", *common, "--resume-student", "last"))
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint_last.pth")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint_last.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    for name, tensor in a["state_dict"].items():
+        assert torch.allclose(tensor, b["state_dict"][name], atol=1e-6, rtol=0), name
+    for ha, hb in zip(a["history"], b["history"]):
+        assert ha["train/loss"] == pytest.approx(hb["train/loss"], abs=1e-6)

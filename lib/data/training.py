@@ -39,6 +39,12 @@ class PairedViewDataset(_EpochDataset):
     Returns ``(student_views (P, 3, s, s), teacher_views (P, 3, t, t), label, index)``. The mixup
     partner of each view is another random image of the dataset with its own paired crop; one lambda
     ~ Beta(alpha, alpha) per view is shared by both resolutions (alpha = 0 turns mixup off).
+
+    With ``views.backend == "tensor"`` the views stay uint8 and unmixed, to be finished on the training
+    device by :func:`lib.data.transforms.mix_and_normalize`: ``(student_views (P, K, 3, s, s) uint8,
+    teacher_views (P, K, 3, t, t) uint8, weights (P, K), label, index)``, K = 2 (the image, its mixup
+    partner; weights lambda, 1 - lambda) or 1 without mixup. The random draws are the same as with
+    ``"pil"``, in the same order, so both backends crop, flip, jitter and mix alike.
     """
 
     def __init__(self, paths, labels, views: PairedViews, pos_num: int = 8, mixup_alpha: float = 0.2, seed: int = 0):
@@ -48,6 +54,8 @@ class PairedViewDataset(_EpochDataset):
         self.views, self.pos_num, self.mixup_alpha = views, int(pos_num), float(mixup_alpha)
 
     def __getitem__(self, index: int):
+        if getattr(self.views, "backend", "pil") == "tensor":
+            return self._uint8_item(index)
         gen = sample_generator(self.seed, self.epoch, index)
         image = load_image(self.paths[index])
         per_size = [[] for _ in self.views.sizes]
@@ -62,6 +70,24 @@ class PairedViewDataset(_EpochDataset):
                 bucket.append(view)
         stacks = [torch.stack(b) for b in per_size]
         return (*stacks, int(self.labels[index]), index)
+
+    def _uint8_item(self, index: int):
+        """The ``"tensor"`` backend: the same draws as ``__getitem__``, written into uint8 stacks."""
+        gen = sample_generator(self.seed, self.epoch, index)
+        image = load_image(self.paths[index])
+        k = 2 if self.mixup_alpha > 0 else 1
+        stacks = [torch.empty(self.pos_num, k, 3, s, s, dtype=torch.uint8) for s in self.views.sizes]
+        weights = torch.ones(self.pos_num, k, dtype=torch.float32)
+        for p in range(self.pos_num):
+            for stack, view in zip(stacks, self.views.render_uint8(image, gen)):
+                stack[p, 0] = view
+            if k == 2:
+                other = int(torch.randint(len(self.paths), (1,), generator=gen))
+                for stack, view in zip(stacks, self.views.render_uint8(load_image(self.paths[other]), gen)):
+                    stack[p, 1] = view
+                lam = _beta_sample(self.mixup_alpha, gen)
+                weights[p] = torch.tensor([lam, 1 - lam], dtype=torch.float64).float()
+        return (*stacks, weights, int(self.labels[index]), index)
 
 
 def _beta_sample(alpha: float, generator: torch.Generator) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -17,6 +18,12 @@ try:  # the core must import where torchvision is broken (CPU-only torch wheels)
     from torchvision.transforms import functional as TF
 except Exception:  # pragma: no cover
     TF = None
+try:  # torchvision >= 0.16; its uint8 bilinear resize is 5-6x faster than Pillow's (one thread)
+    from torchvision.transforms.v2 import functional as TF2
+except Exception:  # pragma: no cover
+    TF2 = None
+
+VIEW_BACKENDS = ("pil", "tensor")
 
 
 def _require_tv():
@@ -80,17 +87,30 @@ class PairedViews:
 
     The crop is taken and jittered at the image's own resolution and resized last, so the views at
     every size show exactly the same content (the paper's synchronised student/teacher views).
+
+    ``backend`` says how the jittered crop becomes the views (crop, flip and jitter are Pillow's in
+    both, from the same generator draws, so both see the same crop and colours):
+
+    - ``"pil"``: Pillow's bilinear resize, then float tensors normalised in the worker (``__call__``);
+    - ``"tensor"``: torchvision's uint8 bilinear antialiased resize (``render_uint8``), normalising
+      and mixup left to :func:`mix_and_normalize` on the training device. A pixel differs from the
+      ``"pil"`` one by at most 1/255 before normalisation (the two resizers round differently; checked
+      by tests/test_transforms.py), and the worker ships uint8 (with mixup both images: half the bytes
+      of one float32 view).
     """
 
     def __init__(self, sizes: Sequence[int], norms: Sequence[Tuple[Sequence[float], Sequence[float]]],
                  scale: Tuple[float, float] = (0.08, 1.0), flip: float = 0.5,
-                 jitter: Optional[Tuple[float, float, float, float]] = (0.4, 0.4, 0.4, 0.1)):
+                 jitter: Optional[Tuple[float, float, float, float]] = (0.4, 0.4, 0.4, 0.1), backend: str = "pil"):
         if len(sizes) != len(norms):
             raise ValueError("one (mean, std) per size")
+        if backend not in VIEW_BACKENDS:
+            raise ValueError(f"unknown view backend {backend!r}: choose one of {', '.join(VIEW_BACKENDS)}")
         self.sizes, self.norms, self.scale, self.flip, self.jitter = list(sizes), list(norms), scale, flip, jitter
+        self.backend = backend
 
-    def render(self, image: Image.Image, generator: torch.Generator) -> List[Image.Image]:
-        """The un-normalised PIL views, one per size."""
+    def _jittered_crop(self, image: Image.Image, generator: torch.Generator) -> Image.Image:
+        """The random crop of ``image``, flipped and jittered at its own resolution (every random draw)."""
         _require_tv()
         top, left, h, w = random_resized_crop_params(image.width, image.height, generator, self.scale)
         crop = image.crop((left, top, left + w, top + h))
@@ -98,7 +118,20 @@ class PairedViews:
             crop = TF.hflip(crop)
         if self.jitter:
             crop = self._jitter(crop, generator)
+        return crop
+
+    def render(self, image: Image.Image, generator: torch.Generator) -> List[Image.Image]:
+        """The un-normalised PIL views, one per size."""
+        crop = self._jittered_crop(image, generator)
         return [crop.resize((s, s), Image.BILINEAR) for s in self.sizes]
+
+    def render_uint8(self, image: Image.Image, generator: torch.Generator) -> List[Tensor]:
+        """The views as (3, s, s) uint8 tensors, one per size, resized by torchvision (``"tensor"`` backend)."""
+        if TF2 is None:
+            raise ImportError("the 'tensor' view backend needs torchvision.transforms.v2 (torchvision >= 0.16)")
+        crop = torch.from_numpy(np.array(self._jittered_crop(image, generator))).permute(2, 0, 1)  # (3, h, w) view
+        return [TF2.resize(crop, [s, s], interpolation=TF2.InterpolationMode.BILINEAR, antialias=True)
+                for s in self.sizes]
 
     def _jitter(self, image: Image.Image, generator: torch.Generator) -> Image.Image:
         brightness, contrast, saturation, hue = self.jitter
@@ -118,10 +151,29 @@ class PairedViews:
         return [to_tensor_normalized(v, m, s) for v, (m, s) in zip(self.render(image, generator), self.norms)]
 
 
+def mix_and_normalize(views: Tensor, weights: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``(..., K, 3, s, s)`` uint8 views and ``(..., K)`` mixup weights -> ``(..., 3, s, s)`` float32:
+    ``sum_k weights_k * views_k / 255``, normalised by ``mean`` / ``std``, on the views' device.
+
+    The same value as normalising each view (``to_tensor_normalized``) and mixing afterwards, as the
+    ``"pil"`` backend does (normalising is affine and the weights sum to 1), up to float32 rounding."""
+    if views.dtype != torch.uint8 or views.dim() < 4 or weights.shape != views.shape[:-3]:
+        raise ValueError(f"views must be (..., K, 3, s, s) uint8 and weights (..., K); got {tuple(views.shape)} "
+                         f"{views.dtype} and {tuple(weights.shape)}")
+    device = views.device
+    w = weights.to(device, torch.float32)[..., None, None, None]
+    mixed = (views[..., 0, :, :, :].float() * w[..., 0, :, :, :])
+    for k in range(1, views.shape[-4]):
+        mixed.add_(views[..., k, :, :, :].float() * w[..., k, :, :, :])
+    scale = torch.tensor([1 / (255 * v) for v in std], device=device).view(3, 1, 1)
+    shift = torch.tensor([m / v for m, v in zip(mean, std)], device=device).view(3, 1, 1)
+    return mixed.mul_(scale).sub_(shift)
+
+
 def sample_generator(seed: int, epoch: int, index: int, salt: int = 0) -> torch.Generator:
     """A generator for one sample of one epoch, independent of workers and of the sampling order."""
     mixed = (seed * 1_000_003 + epoch) * 1_000_033 + index * 7919 + salt
     return torch.Generator().manual_seed(mixed % (2**63 - 1))
 
 
-__all__ = ["EvalTransform", "PairedViews", "random_resized_crop_params", "sample_generator", "to_tensor_normalized"]
+__all__ = ["EvalTransform", "PairedViews", "VIEW_BACKENDS", "mix_and_normalize", "random_resized_crop_params", "sample_generator", "to_tensor_normalized"]
