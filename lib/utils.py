@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import operator
 import os
 import random
@@ -36,10 +37,13 @@ def parse_scales(text: str | List[float]) -> List[float]:
         tree = ast.parse(str(text).strip(), mode="eval").body
         items = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
         scales = [_arith(item) for item in items]
-    except (SyntaxError, ValueError) as err:
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError) as err:
         raise ValueError(f"--multiscale {text!r}: expected a list of numbers such as '[1, 1/2**(1/2), 1/2]' ({err})") from None
-    if not scales or any(s <= 0 for s in scales):
-        raise ValueError(f"--multiscale {text!r}: scales must be positive")
+    if not scales:
+        raise ValueError(f"--multiscale {text!r}: give at least one scale")
+    bad = [s for s in scales if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise ValueError(f"--multiscale {text!r}: scales must be positive finite numbers, got {bad[0]}")
     return scales
 
 
