@@ -78,13 +78,36 @@ def atomic_write(path: str | os.PathLike, write, suffix: str = ".tmp") -> Path:
     return path
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, so that it serialises as strict
+    JSON (``null``), not as the bare ``NaN`` literal that Python's json writes and other parsers reject;
+    numpy scalars and 0-d tensors become Python numbers, tuples lists."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (np.generic, torch.Tensor)) and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON text of ``obj`` (non-finite floats as ``null``, see :func:`json_safe`)."""
+    kwargs.setdefault("indent", 2)
+    return json.dumps(json_safe(obj), allow_nan=False, default=str, **kwargs)
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write strict JSON (NaN/inf as ``null``) atomically (temporary file + rename)."""
+    text = dumps_json(obj) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w") as handle:
+            handle.write(text)
+
+    atomic_write(path, write)
 
 
 def autocast_context(device: torch.device, amp: Optional[str]):
@@ -104,4 +127,4 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[str]:
     return amp
 
 
-__all__ = ["resolve_amp", "autocast_context", "parse_scales", "select_device", "seed_everything", "write_json"]
+__all__ = ["resolve_amp", "autocast_context", "parse_scales", "select_device", "seed_everything", "json_safe", "dumps_json", "write_json"]
