@@ -53,3 +53,77 @@ def test_a_test_set_where_no_query_has_a_positive_fails_clearly(labels):
     emb = torch.nn.functional.normalize(torch.randn(len(labels), 8), dim=1)
     with pytest.raises(ValueError, match=f"none of the {len(labels)} queries has a positive"):
         evaluate_settings({"e": emb}, torch.tensor(labels), {"sym": ("e", "e")})
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. split paths: aliases, paths that leave the root; 6. unreadable images found when the split loads
+# ---------------------------------------------------------------------------------------------------
+
+def _png(path: Path, value: int = 0) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture()
+def split_root(tmp_path):
+    for c in "abcd":
+        for i in range(2):
+            _png(tmp_path / "data" / c / f"{i}.png", 10 * i)
+    return tmp_path
+
+
+def _split_file(root: Path, train, test, **extra) -> str:
+    path = root / "split.json"
+    path.write_text(json.dumps({"train": train, "val": [], "test": test, "val_ratio": 0.5, **extra}))
+    return str(path)
+
+
+@pytest.mark.parametrize("train, test, message", [
+    ([["a/0.png", "a/1.png"]], [["./a/0.png", "b/0.png"]], r"'./a/0.png' is in subset 'train' class 0 \(there as 'a/0.png'\) and in subset 'test' class 0"),
+    ([["a/0.png", "a/1.png"]], [["b/0.png", "b/../a/1.png"]], r"'b/../a/1.png' is in subset 'train' class 0 \(there as 'a/1.png'\) and in subset 'test'"),
+    ([["a/0.png", "a/1.png"]], [["b//0.png", "b/1.png"], ["b/0.png", "c/0.png"]],
+     r"subset 'test' holds 'b/0.png' twice \(as 'b//0.png' and 'b/0.png'\) \(classes 0 and 1\)"),
+])
+def test_path_aliases_fail_the_leakage_and_duplicate_checks(split_root, train, test, message):
+    from lib.data.splits import load_split
+
+    with pytest.raises(ValueError, match=message):
+        load_split(_split_file(split_root, train, test), str(split_root / "data"))
+
+
+def test_paths_that_leave_the_root_are_refused_unless_absolute(split_root):
+    from lib.data.splits import load_split
+
+    outside = _png(split_root / "elsewhere" / "x.png")
+    data = str(split_root / "data")
+    with pytest.raises(ValueError, match=r"subset 'test' class 0: image path '../elsewhere/x.png' leaves the dataset root"):
+        load_split(_split_file(split_root, [["a/0.png", "a/1.png"]], [["../elsewhere/x.png", "b/0.png"]]), data)
+    with pytest.raises(ValueError, match=r"'c/../../etc/x' leaves the dataset root"):
+        load_split(_split_file(split_root, [["a/0.png", "c/../../etc/x"]], [["b/0.png", "b/1.png"]]), data)
+    # an absolute path is taken as it is, and its aliases are caught too
+    split = load_split(_split_file(split_root, [["a/0.png", "a/1.png"]], [[str(outside), "b/0.png"]]), data)
+    assert split.subset("test")[0] == [str(outside), str(split_root / "data" / "b" / "0.png")]
+    with pytest.raises(ValueError, match="classes must be disjoint"):
+        load_split(_split_file(split_root, [["a/0.png", str(split_root / "data" / "b" / ".") + "/0.png"]],
+                               [["b/0.png", "b/1.png"]]), data)
+
+
+def test_subset_paths_are_normalised(split_root):
+    from lib.data.splits import load_split
+
+    split = load_split(_split_file(split_root, [["./a/0.png", "a//1.png"]], [["b/0.png", "b/1.png"]]),
+                       str(split_root / "data"))
+    assert split.subset("train")[0] == [str(split_root / "data" / "a" / n) for n in ("0.png", "1.png")]
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n\x00\x00"], ids=["empty", "text", "cut-header"])
+def test_unreadable_images_are_found_when_the_split_loads(split_root, content):
+    from lib.data.splits import load_split
+
+    (split_root / "data" / "c" / "1.png").write_bytes(content)
+    with pytest.raises(ValueError, match=r"subset 'test' class 1: image 'c/1.png' under root .* is not a readable image"):
+        load_split(_split_file(split_root, [["a/0.png", "a/1.png"]], [["b/0.png", "b/1.png"], ["c/0.png", "c/1.png"]]),
+                   str(split_root / "data"))
