@@ -17,7 +17,7 @@ from typing import Dict, Tuple
 import torch
 
 from lib.cache import EmbeddingCache
-from lib.checkpoint import get_network, load_network
+from lib.checkpoint import get_network, load_checkpoint, load_network
 from lib.config import Config, load_config
 from lib.data.splits import DatasetSplit, load_split, parse_dataset_spec, trainval
 from lib.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
@@ -132,7 +132,7 @@ def get_teacher(cfg: Config, split: DatasetSplit, run_dir: Path, **kw):
                        student_init="auto")
     best = teacher_dir / "model_best.pth"
     last = teacher_dir / "checkpoint_last.pth"
-    if last.is_file() and torch.load(last, map_location="cpu", weights_only=True).get("epoch") == tcfg.epochs:
+    if last.is_file() and load_checkpoint(last).get("epoch") == tcfg.epochs:
         print(f">> reusing the finished teacher {best}")
     else:
         if last.is_file():

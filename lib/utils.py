@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import glob
 import json
 import math
 import operator
@@ -60,13 +61,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _remove_stale_temporaries(path: Path, suffix: str) -> None:
+    """Delete the temporary files that earlier :func:`atomic_write` calls to ``path`` left when their
+    process was killed mid-write (``.NAME.<pid>.XXXX<suffix>`` whose process is gone). A file of a
+    live process (another writer of the same path) is left alone; one written on another machine
+    sharing the folder may be taken for a live one and stays, which is harmless."""
+    prefix = f".{path.name}."
+    for leftover in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        parts = leftover.name[len(prefix):len(leftover.name) - len(suffix)].split(".")
+        if len(parts) != 2 or not parts[0].isdigit():  # not ".NAME.<pid>.<random><suffix>"
+            continue
+        pid = parts[0]
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive: its write is still under way
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OSError):
+                continue  # alive (another user's process) or unknown: leave it
+        try:
+            leftover.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def atomic_write(path: str | os.PathLike, write, suffix: str = ".tmp") -> Path:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a run killed
     mid-write leaves the previous file (or none), never a partial one. ``suffix`` is for writers that
-    pick the format from the name (Pillow, matplotlib)."""
+    pick the format from the name (Pillow, matplotlib). The temporary file's name holds the writer's
+    process id, so the next write to ``path`` removes what a killed writer left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    _remove_stale_temporaries(path, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

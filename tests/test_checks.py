@@ -127,3 +127,99 @@ def test_unreadable_images_are_found_when_the_split_loads(split_root, content):
     with pytest.raises(ValueError, match=r"subset 'test' class 1: image 'c/1.png' under root .* is not a readable image"):
         load_split(_split_file(split_root, [["a/0.png", "a/1.png"]], [["b/0.png", "b/1.png"], ["c/0.png", "c/1.png"]]),
                    str(split_root / "data"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. checkpoints: content checksum, old checkpoints, a killed write's temporary file
+# ---------------------------------------------------------------------------------------------------
+
+def _training_like_state():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(64, 32)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    return {"meta": {"architecture": "x"}, "state_dict": net.state_dict(), "optimizer": opt.state_dict(),
+            "epoch": 3, "history": [{"train/loss": 0.5}], "rng": {"torch": torch.get_rng_state()}}
+
+
+def _flip_inside_tensor_data(path: Path, count: int = 64) -> str:
+    """Flip ``count`` bytes in the middle of the largest tensor's storage (stored uncompressed in the zip)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = int.from_bytes(raw[entry.header_offset + 26:entry.header_offset + 28], "little"), \
+        int.from_bytes(raw[entry.header_offset + 28:entry.header_offset + 30], "little")
+    start = entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2 - count // 2
+    raw[start:start + count] = bytes(b ^ 0xFF for b in raw[start:start + count])
+    path.write_bytes(bytes(raw))
+    return entry.filename
+
+
+def test_flipped_bytes_in_a_checkpoint_are_found_on_load(tmp_path):
+    from lib.checkpoint import atomic_save, load_checkpoint
+
+    path = tmp_path / "checkpoint_last.pth"
+    state = _training_like_state()
+    atomic_save(state, path)
+    back = load_checkpoint(path)
+    assert "checksum" not in back and back["epoch"] == 3
+    assert torch.equal(back["state_dict"]["weight"], state["state_dict"]["weight"])
+    _flip_inside_tensor_data(path)
+    torch.load(path, weights_only=True)  # torch itself reads the damaged file without complaint
+    with pytest.raises(ValueError, match=f"checkpoint {re.escape(str(path))} is corrupt"):
+        load_checkpoint(path)
+
+
+def test_checksum_covers_plain_data_too():
+    from lib.checkpoint import content_checksum
+
+    state = _training_like_state()
+    base = content_checksum(state)
+    assert content_checksum({**state, "epoch": 4}) != base
+    assert content_checksum({**state, "history": [{"train/loss": 0.5000001}]}) != base
+    assert content_checksum({**state, "history": ({"train/loss": 0.5},)}) != base  # tuple, not list
+    assert content_checksum(dict(state)) == base
+
+
+def test_checkpoints_without_a_checksum_still_load_with_a_warning(tmp_path):
+    from lib.checkpoint import load_checkpoint
+
+    path = tmp_path / "old.pth"
+    torch.save(_training_like_state(), path)
+    with pytest.warns(UserWarning, match="has no content checksum .* loaded without verification"):
+        assert load_checkpoint(path)["epoch"] == 3
+
+
+def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    target = tmp_path / "checkpoint_last.pth"
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from lib.utils import atomic_write\n"
+            "def slow(tmp):\n    open(tmp, 'wb').write(b'partial'); print('writing', flush=True); time.sleep(60)\n"
+            "atomic_write(%r, slow)\n") % (str(root), str(target))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    live = list(tmp_path.glob(".checkpoint_last.pth.*.tmp"))
+    assert len(live) == 1 and str(proc.pid) in live[0].name
+    from lib.checkpoint import atomic_save, load_checkpoint
+
+    other = tmp_path / ".checkpoint_last.pth.1.keep.tmp.bak"  # not a temporary file of ours: untouched
+    other.write_bytes(b"x")
+    atomic_save({"epoch": 1}, tmp_path / "model_best.pth")  # another file's write leaves it alone
+    atomic_save({"epoch": 1}, target)  # the writer is alive: its temporary file stays
+    assert live[0].exists()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert live[0].exists()
+    atomic_save({"epoch": 2}, target)
+    assert not live[0].exists() and other.exists()
+    assert load_checkpoint(target)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, "model_best.pth", other.name])
