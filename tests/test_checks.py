@@ -223,3 +223,40 @@ def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_
     assert not live[0].exists() and other.exists()
     assert load_checkpoint(target)["epoch"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, "model_best.pth", other.name])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. classes smaller than K train; --samples-per-class reaches the teacher stage
+# ---------------------------------------------------------------------------------------------------
+
+def tiny_args(dataset: Path, run_dir: Path, *extra: str):
+    return ["--training-dataset", f"folder:{dataset}", "--test-datasets", f"folder:{dataset}-test",
+            "--directory", str(run_dir), "--student", "timm:resnet18", "--not-pretrained", "--whitening", "16",
+            "--image-size", "32", "--teacher-image-size", "48", "--epochs", "1", "--query-size", "8",
+            "--batch-size", "4", "--pos-num", "2", "--workers", "0", "--logger", "none", "--teacher-epochs", "1",
+            "--lr", "1e-3", "--teacher-lr", "1e-3", "--pool-size", "8", "--neg-num", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def pairs_dataset(tmp_path_factory):
+    from conftest import make_class_folder
+
+    return make_class_folder(tmp_path_factory.mktemp("pairs") / "images", num_classes=8, per_class=2, seed=3)
+
+
+def test_a_set_of_two_images_per_class_trains_its_teacher_and_student(pairs_dataset, tmp_path, capsys):
+    import main as main_module
+
+    run = tmp_path / "run"
+    main_module.main(tiny_args(pairs_dataset, run))  # before: "only 0 classes have >= 4 images"
+    log = capsys.readouterr().out
+    assert "2 classes have fewer than 4 images (2): their batches hold each of their images" in log
+    teacher_cfg = json.loads((run / "teacher" / "config.json").read_text())
+    assert teacher_cfg["samples_per_class"] == 4 and teacher_cfg["mode"] == "sym"
+    assert (run / "teacher" / "model_best.pth").is_file() and (run / "results.json").is_file()
+
+    run2 = tmp_path / "run2"
+    main_module.main(tiny_args(pairs_dataset, run2, "--samples-per-class", "2", "--teacher-batch-size", "4"))
+    log = capsys.readouterr().out
+    assert json.loads((run2 / "teacher" / "config.json").read_text())["samples_per_class"] == 2
+    assert "class-balanced batches of 2 classes x 2 images from 2 classes" in log and "fewer than" not in log
