@@ -260,3 +260,76 @@ def test_a_set_of_two_images_per_class_trains_its_teacher_and_student(pairs_data
     log = capsys.readouterr().out
     assert json.loads((run2 / "teacher" / "config.json").read_text())["samples_per_class"] == 2
     assert "class-balanced batches of 2 classes x 2 images from 2 classes" in log and "fewer than" not in log
+
+    # changing a teacher-stage flag on resume is refused up front, naming the flag
+    before = (run / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"--teacher-epochs 2 \(checkpoint: 1\)"):
+        main_module.main(tiny_args(pairs_dataset, run, "--teacher-epochs", "2", "--resume-student", "last"))
+    assert (run / "config.json").read_text() == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. --overwrite and resume never mix two runs; a failed start does not lock its directory
+# ---------------------------------------------------------------------------------------------------
+
+def _sym_args(dataset, run, *extra):
+    return tiny_args(dataset, run, "--mode", "sym", "--test-datasets", "", *extra)
+
+
+def test_overwrite_moves_the_old_run_aside_and_a_failed_start_does_not_lock(tiny_dataset, tmp_path):
+    import main as main_module
+    from lib.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    main_module.main(_sym_args(tiny_dataset, run))
+    old_weights = load_checkpoint(run / "checkpoint_last.pth")["state_dict"]
+    # an --overwrite run that fails at start-up (no such student checkpoint) after the directory was prepared
+    with pytest.raises(Exception, match="no-such.pth"):
+        main_module.main(_sym_args(tiny_dataset, run, "--overwrite", "--student-path", str(tmp_path / "no-such.pth")))
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1, "the old run must be moved aside, whole"
+    assert {p.name for p in aside[0].iterdir()} >= {"config.json", "checkpoint_last.pth", "model_best.pth", "results.json"}
+    assert torch.equal(load_checkpoint(aside[0] / "checkpoint_last.pth")["state_dict"]["whiten.weight"],
+                       old_weights["whiten.weight"])
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]  # nothing of the old run beside the new config
+    # the failed start left only its config.json: the corrected command runs there without --overwrite
+    main_module.main(_sym_args(tiny_dataset, run, "--lr", "2e-3"))
+    assert json.loads((run / "config.json").read_text())["lr"] == 2e-3 and (run / "results.json").is_file()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        main_module.main(_sym_args(tiny_dataset, run))
+
+
+def test_resume_checks_its_options_against_the_checkpoint_up_front(tiny_dataset, tmp_path):
+    import main as main_module
+
+    run = tmp_path / "run"
+    main_module.main(_sym_args(tiny_dataset, run))
+    before = (run / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"options differ from the checkpoint's: --epochs 3 \(checkpoint: 1\), "
+                                         r"--lr 0.01 \(checkpoint: 0.001\); the checkpoint is at epoch 1: more epochs "
+                                         r"only with --scheduler exponential or none"):
+        main_module.main(_sym_args(tiny_dataset, run, "--epochs", "3", "--lr", "1e-2", "--resume-student", "last"))
+    assert (run / "config.json").read_text() == before  # refused before anything was written
+    # a network-only checkpoint is not a training checkpoint
+    with pytest.raises(ValueError, match=r"model_best.pth: this is a network checkpoint \(weights and metadata only\), "
+                                         "not a training checkpoint"):
+        main_module.main(_sym_args(tiny_dataset, run, "--resume-student", str(run / "model_best.pth")))
+    assert (run / "config.json").read_text() == before
+    # what may change does: the workers, the logger
+    main_module.main(_sym_args(tiny_dataset, run, "--resume-student", "last", "--print-freq", "3"))
+
+
+def test_more_epochs_on_resume_with_a_schedule_that_allows_it_equals_the_longer_run(tiny_dataset, tmp_path):
+    import main as main_module
+    from lib.checkpoint import load_checkpoint
+
+    exp = ("--scheduler", "exponential")
+    main_module.main(_sym_args(tiny_dataset, tmp_path / "straight", *exp, "--epochs", "2"))
+    main_module.main(_sym_args(tiny_dataset, tmp_path / "extended", *exp, "--epochs", "1"))
+    main_module.main(_sym_args(tiny_dataset, tmp_path / "extended", *exp, "--epochs", "2", "--resume-student", "last"))
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint_last.pth")
+    b = load_checkpoint(tmp_path / "extended" / "checkpoint_last.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    for name, tensor in a["state_dict"].items():
+        assert torch.allclose(tensor, b["state_dict"][name], atol=1e-6, rtol=0), name
