@@ -12,11 +12,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from lib.cache import EmbeddingCache
+from lib.checkpoint import load_checkpoint
 from lib.models.loading import get_network, load_network
 from lib.config import Config, load_config
 from lib.data.splits import DatasetSplit, load_split, trainval
@@ -49,7 +50,82 @@ def devices(cfg: Config, info: DistInfo) -> Tuple[torch.device, torch.device]:
     return student, teacher
 
 
+#: what a run directory holds once a run has trained something; a ``config.json`` alone is a start that
+#: failed, and the same command may run there again
+RUN_OUTPUTS = ("checkpoint_last.pth", "model_best.pth", "results.json", "teacher/checkpoint_last.pth",
+               "teacher/model_best.pth", "study.db", "trials")
+
+#: options a resumed run may change: where and how it runs, what it logs and tests; never what it trains
+#: (``epochs`` may grow where the schedule does not depend on it, see :func:`check_resume`)
+RESUME_MAY_CHANGE = ("directory", "workers", "device", "gpu_id", "teacher_device", "print_freq", "logger", "comment",
+                     "data_root", "test_datasets", "val_freq", "save_freq", "student_init")
+#: options that say how to start or search, not what this stage trains (a final run after a search is
+#: compared with the values the search chose)
+_NOT_COMPARED = ("resume_student", "overwrite", "optimize", "trials", "search", "storage", "study_name", "resume",
+                 "pruner", "search_only")
+
+#: the flags that set a field of the on-the-fly teacher stage's config (``get_teacher``)
+TEACHER_FLAGS = {"epochs": "--teacher-epochs", "lr": "--teacher-lr", "batch_size": "--teacher-batch-size",
+                 "neg_num": "--teacher-neg-num", "image_size": "--teacher-image-size"}
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in RUN_OUTPUTS)
+
+
+def resume_path(cfg: Config, run_dir: Path) -> Optional[Path]:
+    """The checkpoint ``--resume-student`` names (``last``: ``<run_dir>/checkpoint_last.pth``), or None
+    when ``last`` finds none because the run was stopped before its student stage (its teacher stage
+    resumes by itself)."""
+    if not cfg.resume_student:
+        return None
+    path = run_dir / "checkpoint_last.pth" if cfg.resume_student == "last" else Path(cfg.resume_student)
+    if not path.is_file():
+        if cfg.resume_student == "last" and (run_dir / "teacher" / "checkpoint_last.pth").is_file():
+            return None
+        raise FileNotFoundError(f"--resume-student {cfg.resume_student}: no checkpoint at {path}")
+    return path
+
+
+def check_resume(cfg: Config, path: Path, flags: Optional[Dict[str, str]] = None) -> None:
+    """Refuse, before anything is written, to resume ``path`` with options that would train something
+    else than the run that wrote it: the error names every flag that differs, with both values.
+
+    ``epochs`` may grow with ``--scheduler exponential`` or ``none`` (the schedule does not depend on
+    the run's length, so the resumed run is the longer run); with ``onecycle`` and ``cyclic`` the
+    whole schedule is laid out over ``epochs``, so another value is refused. ``flags`` maps a field to
+    the flag that sets it (the teacher stage's ``epochs`` is ``--teacher-epochs``)."""
+    flags = flags or {}
+    state = load_checkpoint(path)
+    if "optimizer" not in state or not isinstance(state.get("config"), dict):
+        kind = "a network checkpoint (weights and metadata only)" if "state_dict" in state else "not a checkpoint of main.py"
+        raise ValueError(f"--resume-student {path}: this is {kind}, not a training checkpoint: resume from the "
+                         f"checkpoint_last.pth of its run (model_best.pth only starts a new run, --student-path)")
+    saved, current = state["config"], cfg.to_dict()
+    done = int(state.get("epoch", 0))
+    differ = []
+    for name in sorted(set(saved) & set(current)):
+        if name in RESUME_MAY_CHANGE or name in _NOT_COMPARED or saved[name] == current[name]:
+            continue
+        if name == "epochs" and cfg.scheduler in ("exponential", "none") and saved.get("scheduler") == cfg.scheduler \
+                and current[name] >= done:
+            continue
+        differ.append(f"{flags.get(name, '--' + name.replace('_', '-'))} {current[name]!r} (checkpoint: {saved[name]!r})")
+    if differ:
+        extra = ""
+        if any(d.startswith(("--epochs ", "--teacher-epochs ")) for d in differ):
+            extra = (f"; the checkpoint is at epoch {done}: more epochs only with --scheduler exponential or none, as "
+                     f"{cfg.scheduler}'s schedule is laid out over the number of epochs")
+        raise ValueError(f"--resume-student {path}: this run's options differ from the checkpoint's: "
+                         f"{', '.join(differ)}{extra}. Resume with the checkpoint's values (only "
+                         f"{', '.join('--' + n.replace('_', '-') for n in RESUME_MAY_CHANGE)} may change), or start "
+                         "a new run (another --directory, or --overwrite)")
+
+
 def prepare_run_dir(cfg: Config, info: DistInfo) -> Path:
+    """The run directory, checked before anything is written to it: a directory that holds a run is
+    resumed (``--resume-student``, options checked against the checkpoint), joined (``--optimize
+    --resume``) or moved aside (``--overwrite``: to ``<dir>.old-<time>``); otherwise it is an error."""
     if cfg.directory:
         run_dir = Path(cfg.directory)
     elif cfg.resume_student and Path(cfg.resume_student).is_file():
@@ -59,9 +135,20 @@ def prepare_run_dir(cfg: Config, info: DistInfo) -> Path:
         run_dir = Path("runs") / f"{Path(cfg.training_dataset).stem}-{cfg.mode}-{stamp}{('-' + cfg.comment) if cfg.comment else ''}"
     config_file = run_dir / "config.json"
     if info.is_main:
-        if config_file.exists() and not cfg.resume_student and not cfg.overwrite and not (cfg.optimize and cfg.resume):
-            raise FileExistsError(f"{run_dir} already holds a run ({config_file}); resume it with "
-                                  "--resume-student last, pick another --directory, or pass --overwrite")
+        resume = resume_path(cfg, run_dir)
+        if resume is not None and not cfg.optimize:  # with --optimize: checked once the search has chosen
+            check_resume(cfg, resume)
+        if holds_run(run_dir) and not cfg.resume_student and not (cfg.optimize and cfg.resume):
+            if not cfg.overwrite:
+                raise FileExistsError(f"{run_dir} already holds a run ({', '.join(n for n in RUN_OUTPUTS if (run_dir / n).exists())}); "
+                                      "resume it with --resume-student last, pick another --directory, or pass --overwrite")
+            aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+            run_dir.rename(aside)
+            print(f">> --overwrite: the run that was in {run_dir} moved to {aside}")
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(cfg.to_dict(), config_file)
     barrier(info)
@@ -92,11 +179,11 @@ def run_stage(cfg: Config, run_dir: Path, split: DatasetSplit, teacher, *, devic
                               cache=cache, name=f"{split.name}-val")
     student = get_network(cfg.student, cfg.student_path, pooling=cfg.pool, whitening=cfg.whitening,
                           pretrained=cfg.pretrained, weights=cfg.weights, image_size=cfg.image_size)
-    resume = None
-    if cfg.resume_student:
-        resume = run_dir / "checkpoint_last.pth" if cfg.resume_student == "last" else Path(cfg.resume_student)
-        if not resume.is_file():
-            raise FileNotFoundError(f"--resume-student: no checkpoint at {resume}")
+    resume = resume_path(cfg, run_dir)
+    if resume is not None:
+        check_resume(cfg, resume, flags=TEACHER_FLAGS if tag.startswith("teacher") else None)
+    elif cfg.resume_student and info.is_main:
+        print(f">> {tag or 'student '}stage: no checkpoint of it in {run_dir} yet, it starts from the beginning")
     logger = get_logger(cfg.logger, str(run_dir / "tensorboard"), enabled=info.is_main)
     logger.text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
     try:
@@ -132,7 +219,9 @@ def get_teacher(cfg: Config, split: DatasetSplit, run_dir: Path, **kw):
                        student_init="auto")
     best = teacher_dir / "model_best.pth"
     last = teacher_dir / "checkpoint_last.pth"
-    if last.is_file() and torch.load(last, map_location="cpu", weights_only=True).get("epoch") == tcfg.epochs:
+    if last.is_file():  # a teacher stage of this run already started: same options, or a clear error
+        check_resume(tcfg, last, flags=TEACHER_FLAGS)
+    if last.is_file() and load_checkpoint(last).get("epoch") == tcfg.epochs:
         print(f">> reusing the finished teacher {best}")
     else:
         if last.is_file():

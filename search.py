@@ -13,7 +13,6 @@ overrides the latter only when the student records no teacher).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -21,7 +20,7 @@ from lib.deploy.cli import add_backend_flags, add_image_flags, backend_params
 from lib.deploy.index import BACKENDS, load_index, open_backend
 from lib.deploy.inputs import collect_images
 from lib.deploy.search import PairMismatchError, check_pair, load_query_encoder, search_embeddings
-from lib.utils import select_device, write_json
+from lib.utils import dumps_json, select_device, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +77,7 @@ def main(argv=None) -> dict:
         print(f">> {len(queries)} queries, top-{args.k} from {len(index)} images ({backend.name}, {pairing} pair): "
               f"{args.output}", file=sys.stderr)
     else:
-        json.dump(result, sys.stdout, indent=2)
-        print()
+        print(dumps_json(result))
     return result
 
 

@@ -29,6 +29,22 @@ from lib.models.pooling import POOLING
 from lib.utils import parse_scales, select_device, write_json
 
 
+def _bounded(kind, low: float, high: float | None = None, high_open: bool = False):
+    """An argparse type: ``kind`` (int or float) in [low, high] (or [low, high)); argparse names the flag."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value < low or (high is not None and (value > high or (high_open and value == high))):
+            bound = f">= {low}" + (f" and {'<' if high_open else '<='} {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Asymmetric image retrieval testing", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     student = p.add_mutually_exclusive_group(required=True)
@@ -38,28 +54,28 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--teacher", "-t", metavar="ARCH", help="architecture (ImageNet weights) for the database side")
     teacher.add_argument("--teacher-path", "-tpath", metavar="CKPT", help="teacher checkpoint, file in pretrained/, or published name")
     p.add_argument("--pool", "-p", default="gem", choices=sorted(POOLING), help="pooling for --student/--teacher")
-    p.add_argument("--whitening", "-w", default=0, type=int, help="whitening dimension for --student/--teacher (0: none)")
+    p.add_argument("--whitening", "-w", default=0, type=_bounded(int, 0), help="whitening dimension for --student/--teacher (0: none)")
     p.add_argument("--not-pretrained", dest="pretrained", action="store_false", help="random weights for --student/--teacher")
     p.add_argument("--weights", default=None, help="local ImageNet state dict for --student/--teacher")
     p.add_argument("--datasets", "-d", default="cjk-glyphs-mini-test", help="comma-separated datasets (name[-test|-val])")
     p.add_argument("--data-root", default="data", help="folder holding the datasets")
-    p.add_argument("--image-size", "-imsize", default=None, type=int, help="query (student) size; default: the student's training size")
-    p.add_argument("--teacher-image-size", "-timsize", default=None, type=int, help="database (teacher) size; default: the teacher's training size")
+    p.add_argument("--image-size", "-imsize", default=None, type=_bounded(int, 1), help="query (student) size; default: the student's training size")
+    p.add_argument("--teacher-image-size", "-timsize", default=None, type=_bounded(int, 1), help="database (teacher) size; default: the teacher's training size")
     p.add_argument("--sym", action="store_true", help="also run the symmetric test (student on both sides)")
     p.add_argument("--multiscale", "-ms", default="[1]", help="scales, e.g. '[1, 1/2**(1/2), 1/2]'")
-    p.add_argument("--workers", "-j", default=4, type=int, help="data-loading workers")
-    p.add_argument("--batch-size", default=64, type=int, help="extraction batch size")
+    p.add_argument("--workers", "-j", default=4, type=_bounded(int, 0), help="data-loading workers")
+    p.add_argument("--batch-size", default=64, type=_bounded(int, 1), help="extraction batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast for extraction on CUDA")
     p.add_argument("--cache-dir", default=".cache/embeddings", help="teacher embedding cache ('' disables)")
-    p.add_argument("--val-ratio", default=0.5, type=float, help="validation share of training classes (for -val datasets)")
+    p.add_argument("--val-ratio", default=0.5, type=_bounded(float, 0.0, 1.0, high_open=True), help="validation share of training classes (for -val datasets)")
     p.add_argument("--clustering", action="store_true", help="also report NMI and F1 of k-means on the symmetric rows (teacher, sym), each of its own embeddings")
     p.add_argument("--output", default=None, help="results JSON (default: test_results.json beside the student checkpoint, else in .)")
-    p.add_argument("--visualize", default=0, type=int, metavar="N",
+    p.add_argument("--visualize", default=0, type=_bounded(int, 0), metavar="N",
                    help="write a grid PNG of N sample queries with their top results (asym and sym side by side) "
                         "and a precision-recall PNG per setting, next to the JSON")
-    p.add_argument("--visualize-k", default=5, type=int, help="results per query in the grid")
-    p.add_argument("--cost-threads", default=1, type=int, help="CPU threads for the query-cost latency (batch 1)")
+    p.add_argument("--visualize-k", default=5, type=_bounded(int, 1), help="results per query in the grid")
+    p.add_argument("--cost-threads", default=1, type=_bounded(int, 1), help="CPU threads for the query-cost latency (batch 1)")
     p.add_argument("--no-cost", dest="cost", action="store_false", help="skip the query-cost columns")
     return p
 
@@ -72,9 +88,13 @@ def resolve_size(explicit, net, fallback: int, flag: str) -> int:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        scales = parse_scales(args.multiscale)
+    except ValueError as err:
+        parser.error(str(err))
     device = select_device(args.device)
-    scales = parse_scales(args.multiscale)
     build = dict(pooling=args.pool, whitening=args.whitening, pretrained=args.pretrained, weights=args.weights)
     student = get_network(args.student, args.student_path, **build).to(device)
     teacher = None

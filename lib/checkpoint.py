@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Sequence
 
@@ -21,9 +22,48 @@ if TYPE_CHECKING:  # annotations only: lib.models.loading imports this module
     from lib.models.net import RetrievalNet
 
 
+#: key of the content checksum that :func:`atomic_save` adds to every checkpoint dict
+CHECKSUM_KEY = "checksum"
+
+
+def _feed(digest, obj: Any) -> None:
+    """Hash ``obj`` (what ``torch.save`` / ``weights_only`` round-trips: tensors, dicts, lists, tuples,
+    numbers, strings, None) by value and structure; dict order as stored (pickle keeps it)."""
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        if tensor.numel():
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        digest.update(f"D{len(obj)}".encode())
+        for key, value in obj.items():
+            _feed(digest, key)
+            _feed(digest, value)
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
+        for value in obj:
+            _feed(digest, value)
+    else:
+        digest.update(f"V{type(obj).__name__}:{obj!r};".encode())
+
+
+def content_checksum(state: Dict[str, Any]) -> str:
+    """``'sha256:<hex>'`` of everything in a checkpoint dict but its own checksum entry: every tensor's
+    dtype, shape and bytes, and every plain value (config, history, epoch), so that a flipped byte
+    anywhere in the tensors' data or the plain data is found when the file is read."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != CHECKSUM_KEY})
+    return "sha256:" + digest.hexdigest()
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
-    a run killed mid-write leaves the previous file intact."""
+    a run killed mid-write leaves the previous file intact (and a temporary file that the next write
+    to ``path`` removes, see :func:`lib.utils.atomic_write`). A dict gets a content checksum
+    (:func:`content_checksum`) that :func:`load_checkpoint` verifies."""
+    if isinstance(obj, dict):
+        obj = {**{k: v for k, v in obj.items() if k != CHECKSUM_KEY}, CHECKSUM_KEY: content_checksum(obj)}
+
     def write(tmp):
         with open(tmp, "wb") as handle:
             torch.save(obj, handle)
@@ -33,8 +73,16 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, write)
 
 
-def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
-    """Read a checkpoint safely (no arbitrary unpickling); errors name the file."""
+_UNVERIFIED: set = set()
+
+
+def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Dict[str, Any]:
+    """Read a checkpoint safely (no arbitrary unpickling); errors name the file.
+
+    With ``verify`` the content checksum written by :func:`atomic_save` is checked (a mismatch raises
+    ``ValueError`` naming the file) and removed from the returned dict. A checkpoint written before
+    checksums were stored (or by other code, e.g. the published ones) loads unverified, with a
+    warning, once per file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -44,6 +92,16 @@ def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
         raise ValueError(f"checkpoint {path} is unreadable or not a weights-only checkpoint: {err}") from err
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds {type(state).__name__}, expected a dict")
+    stored = state.pop(CHECKSUM_KEY, None)
+    if verify and stored is not None:
+        computed = content_checksum(state)
+        if computed != stored:
+            raise ValueError(f"checkpoint {path} is corrupt: its contents do not match the checksum stored when it was "
+                             f"written ({stored[:19]}..., now {computed[:19]}...); restore it from a copy or delete it")
+    elif verify and str(path) not in _UNVERIFIED:
+        _UNVERIFIED.add(str(path))
+        warnings.warn(f"checkpoint {path} has no content checksum (written by older code or elsewhere): loaded "
+                      "without verification", stacklevel=2)
     return state
 
 
@@ -104,5 +162,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["atomic_save", "load_checkpoint", "network_state", "check_compatible", "tensor_fingerprint",
-           "network_fingerprint"]
+__all__ = ["CHECKSUM_KEY", "atomic_save", "content_checksum", "load_checkpoint", "network_state",
+           "check_compatible", "tensor_fingerprint", "network_fingerprint"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -27,11 +28,11 @@ class Config:
     training_dataset: str = opt("cjk-glyphs-mini", "training dataset: a registered name, a split JSON or a class-folder", "-d")
     test_datasets: str = opt("cjk-glyphs-mini-test", "comma-separated test datasets", "-td")
     data_root: str = opt("data", "folder holding the datasets")
-    val_ratio: float = opt(0.5, "share of the training classes held out for validation")
+    val_ratio: float = opt(0.5, "share of the training classes held out for validation", low=0.0, high=1.0, high_open=True)
     directory: Optional[str] = opt(None, "run directory (default: runs/<dataset>-<mode>-<time>)")
     val: bool = opt(True, "--no-val: no validation; train on train+val and keep the last epoch", flag="--no-val")
-    val_freq: int = opt(1, "validate every N epochs")
-    save_freq: int = opt(1, "write the 'last' checkpoint every N epochs")
+    val_freq: int = opt(1, "validate every N epochs", low=1)
+    save_freq: int = opt(1, "write the 'last' checkpoint every N epochs", low=1)
     # networks
     student: Optional[str] = opt("tf_efficientnet_lite0", "student architecture (timm or torchvision name)", "-s")
     student_path: Optional[str] = opt(None, "initialise the student from a checkpoint", "-spath")
@@ -39,14 +40,14 @@ class Config:
     teacher_path: Optional[str] = opt(None, "teacher checkpoint (file, pretrained/ name or published name)", "-tpath")
     train_teacher: bool = opt(True, "without --teacher/--teacher-path in a ts mode, first train a teacher in 'sym' "
                                     "mode at --teacher-image-size from the student's architecture")
-    teacher_epochs: int = opt(6, "epochs of that teacher training")
+    teacher_epochs: int = opt(6, "epochs of that teacher training", low=1)
     teacher_neg_num: int = opt(0, "mined negatives per anchor in that teacher training (0: the other classes of the "
-                                  "batch, 7 at the default batch)")
+                                  "batch, 7 at the default batch)", low=0)
     teacher_batch_size: int = opt(32, "images per batch of that teacher training (classes x --samples-per-class, "
-                                      "4 when that is 0)")
-    teacher_lr: float = opt(3e-4, "learning rate of that teacher training")
+                                      "4 when that is 0)", low=1)
+    teacher_lr: float = opt(3e-4, "learning rate of that teacher training", low=0.0, low_open=True)
     pool: str = opt("gem", "pooling", "-p", choices=("gem", "gemmp", "mac", "spoc", "rmac"))
-    whitening: int = opt(128, "embedding dimension of the learnable whitening (0: none)", "-w")
+    whitening: int = opt(128, "embedding dimension of the learnable whitening (0: none)", "-w", low=0)
     pretrained: bool = opt(True, "--not-pretrained: random initial weights instead of ImageNet's", flag="--not-pretrained")
     weights: Optional[str] = opt(None, "local ImageNet state dict for the backbones")
     student_init: str = opt("auto", "where the student starts: 'teacher' (copy its weights; same architecture), 'regress' "
@@ -57,23 +58,25 @@ class Config:
     freeze_bn: bool = opt(True, "freeze BatchNorm running statistics (--no-freeze-bn to update them)")
     # method
     mode: str = opt("ts_aug", "training mode", "-m", choices=("ts_aug", "ts_reg", "sym"))
-    loss_margin: float = opt(0.7, "triplet margin ('sym')", "-lm")
-    lam_1: float = opt(0.7, "weight of the student-teacher relative term ('ts_aug')")
-    lam_2: float = opt(0.7, "weight of the student-student relative term ('ts_aug')")
+    loss_margin: float = opt(0.7, "triplet margin ('sym')", "-lm", low=0.0)
+    lam_1: float = opt(0.7, "weight of the student-teacher relative term ('ts_aug')", low=0.0)
+    lam_2: float = opt(0.7, "weight of the student-student relative term ('ts_aug')", low=0.0)
     lam_label: float = opt(0.5, "weight of the label term added to 'ts_aug': asymmetric multi-similarity of the student's "
                                 "queries against the teacher's embeddings of the batch, same class = positive (0: the "
-                                "paper's three terms alone)")
+                                "paper's three terms alone)", low=0.0)
     objective: List[str] = opt([], "extra objective name[:weight][:k=v,...] (repeatable); see README", action="append")
-    image_size: int = opt(96, "student (query) image size")
-    teacher_image_size: int = opt(128, "teacher (database) image size")
-    neg_num: int = opt(4, "distance-weighted negatives per query ('sym'; 0: in-batch negatives only)", "-nn")
-    pos_num: int = opt(4, "views per image ('ts_aug'; the paper: 8)", "-pn")
-    query_size: int = opt(8000, "images per epoch", "-qs")
-    pool_size: int = opt(20000, "negative-mining pool size ('sym')", "-ps")
-    samples_per_class: int = opt(0, "class-balanced batches with K images per class (0: 'sym' uses 4, 'ts_aug' 2 when "
-                                    "--lam-label is on, else plain shuffling)")
-    crop_scale: float = opt(0.08, "smallest area share of the random crop of 'ts_aug' views (1: the whole image)")
-    mixup_alpha: float = opt(0.2, "Beta(a, a) of the mixup in 'ts_aug' (0: off)")
+    image_size: int = opt(96, "student (query) image size", low=1)
+    teacher_image_size: int = opt(128, "teacher (database) image size", low=1)
+    neg_num: int = opt(4, "distance-weighted negatives per query ('sym'; 0: in-batch negatives only)", "-nn", low=0)
+    pos_num: int = opt(4, "views per image ('ts_aug'; the paper: 8)", "-pn", low=1)
+    query_size: int = opt(8000, "images per epoch", "-qs", low=1)
+    pool_size: int = opt(20000, "negative-mining pool size ('sym')", "-ps", low=1)
+    samples_per_class: int = opt(0, "class-balanced batches with K images per class (0: 'sym' and the teacher stage use 4, "
+                                    "'ts_aug' 2 when --lam-label is on, else plain shuffling); a class with fewer than K "
+                                    "images repeats some", low=0)
+    crop_scale: float = opt(0.08, "smallest area share of the random crop of 'ts_aug' views (1: the whole image)",
+                            low=0.0, high=1.0, low_open=True)
+    mixup_alpha: float = opt(0.2, "Beta(a, a) of the mixup in 'ts_aug' (0: off)", low=0.0)
     view_backend: str = opt("pil", "how 'ts_aug' views are resized and mixed: pil (Pillow, float views from the "
                                    "workers; bit-identical to earlier runs) or tensor (torchvision's uint8 resize, "
                                    "uint8 views mixed and normalised on the device; pixels within 1/255, about "
@@ -84,22 +87,22 @@ class Config:
     teacher_device: Optional[str] = opt(None, "device of the teacher (default: the student's)")
     amp: str = opt("auto", "autocast: auto (bf16 on CUDA when supported, else fp16), bf16, fp16, none", choices=("auto", "bf16", "fp16", "none"))
     channels_last: bool = opt(True, "channels_last memory format on CUDA")
-    workers: int = opt(2, "data-loading workers", "-j")
-    epochs: int = opt(3, "epochs")
-    batch_size: int = opt(8, "images per batch (each gives --pos-num views in 'ts_aug')", "-b")
-    update_every: int = opt(1, "optimizer step every N batches (gradient accumulation)", "-u")
+    workers: int = opt(2, "data-loading workers", "-j", low=0)
+    epochs: int = opt(3, "epochs", low=1)
+    batch_size: int = opt(8, "images per batch (each gives --pos-num views in 'ts_aug')", "-b", low=1)
+    update_every: int = opt(1, "optimizer step every N batches (gradient accumulation)", "-u", low=1)
     optimizer: str = opt("adamW", "optimizer", "-o", choices=("sgd", "adam", "adamW"))
     scheduler: str = opt("onecycle", "learning-rate schedule, stepped per optimizer step", choices=("onecycle", "cyclic", "exponential", "none"))
-    lr: float = opt(1.5e-4, "learning rate", aliases=("--learning-rate",))
-    momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(1e-6, "weight decay", aliases=("--wd",))
-    print_freq: int = opt(10, "progress-bar refresh every N batches")
+    lr: float = opt(1.5e-4, "learning rate", aliases=("--learning-rate",), low=0.0, low_open=True)
+    momentum: float = opt(0.9, "SGD momentum", low=0.0, high=1.0, high_open=True)
+    weight_decay: float = opt(1e-6, "weight decay", aliases=("--wd",), low=0.0)
+    print_freq: int = opt(10, "progress-bar refresh every N batches", low=1)
     resume_student: Optional[str] = opt(None, "resume from a training checkpoint ('last' = <directory>/last.pth)")
     comment: str = opt("", "comment appended to the run name", "-c")
     logger: str = opt("tensorboard", "logger", choices=("tensorboard", "none"))
-    seed: int = opt(1234, "random seed")
+    seed: int = opt(1234, "random seed", low=0)
     optimize: bool = opt(False, "tune hyper-parameters with optuna on the validation split first")
-    trials: int = opt(6, "optuna trials")
+    trials: int = opt(6, "optuna trials", low=1)
     overwrite: bool = opt(False, "allow writing into an existing run directory that holds another run")
     # hyper-parameter search (lib/hpo/)
     search: List[str] = opt([], "with --optimize: search PARAM in a range, PARAM=LOW:HIGH[:log][:int] (repeatable); PARAM "
@@ -148,37 +151,105 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(argv: Optional[Sequence[str]] = None) -> Config:
-    """Defaults < YAML (``--config``) < flags."""
+    """Defaults < YAML (``--config``) < flags; every value checked (type and range) before it is used."""
     args = vars(build_parser().parse_args(argv))
     values: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
     config_file = args.pop("config", None)
     if config_file:
         values.update(read_yaml(config_file))
+        sources.update({k: f"config file {config_file}" for k in values})
     values.update(args)
-    return make_config(values, source=config_file or "command line")
+    sources.update({k: "command line" for k in args})
+    return make_config(values, source=config_file or "command line", sources=sources)
 
 
 def read_yaml(path: str | Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ValueError(f"config file {path}{where}: YAML syntax error: {problem}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping of option: value, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def make_config(values: Dict[str, Any], source: str = "config") -> Config:
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_value(name: str, value: Any, kind: str, meta: Dict[str, Any], where: str) -> Any:
+    """``value`` of option ``name`` converted to its type (``kind``: the field's annotation) and checked
+    against its range; a ``ValueError`` names the option, the value and ``where`` it came from.
+
+    Floats also accept a string that reads as a number (YAML reads ``1e-4`` without a dot as a string);
+    integers accept integers only (``epochs: "3"`` is refused: the quotes make it text)."""
+    def fail(what: str) -> ValueError:
+        return ValueError(f"{where}: option {name} ({_flag(name)}) = {value!r}: {what}")
+
+    optional = kind.startswith("Optional[")
+    base = kind[len("Optional["):-1] if optional else kind
+    if value is None:
+        if optional:
+            return None
+        raise fail(f"expected {'an integer' if base == 'int' else 'a number' if base == 'float' else 'a ' + base}, got nothing")
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise fail("expected true or false")
+    elif base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"expected an integer, got {type(value).__name__}"
+                       + (" (remove the quotes)" if isinstance(value, str) and value.strip().lstrip("+-").isdigit() else ""))
+    elif base == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise fail("expected a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(f"expected a number, got {type(value).__name__}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise fail("expected a finite number")
+    elif base == "str":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # gpu_id: 0, comment: 5
+        if not isinstance(value, str):
+            raise fail(f"expected a string, got {type(value).__name__}")
+    if base in ("int", "float"):
+        low, high = meta.get("low"), meta.get("high")
+        if low is not None and (value < low or (meta.get("low_open") and value == low)):
+            raise fail(f"must be {'>' if meta.get('low_open') else '>='} {low}"
+                       + (f" and {'<' if meta.get('high_open') else '<='} {high}" if high is not None else ""))
+        if high is not None and (value > high or (meta.get("high_open") and value == high)):
+            raise fail(f"must be {'<' if meta.get('high_open') else '<='} {high}"
+                       + (f" and {'>' if meta.get('low_open') else '>='} {low}" if low is not None else ""))
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise fail(f"is not one of {list(choices)}")
+    return value
+
+
+def make_config(values: Dict[str, Any], source: str = "config", sources: Optional[Dict[str, str]] = None) -> Config:
+    """A :class:`Config` from ``values`` (option name -> value), every value checked by :func:`check_value`;
+    ``sources`` says where each value came from (for the error messages), ``source`` is the default."""
     known = {f.name for f in fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{source}: unknown option(s) {unknown}; see python main.py --help")
-    config = Config(**values)
+    sources = sources or {}
+    checked = dict(values)
     for f in fields(Config):
-        choices = f.metadata.get("choices")
-        if choices and getattr(config, f.name) not in choices:
-            raise ValueError(f"{source}: {f.name}={getattr(config, f.name)!r} is not one of {list(choices)}")
-    return config
+        if f.name in values and not str(f.type).startswith("List["):  # objective/search: checked by their parsers
+            checked[f.name] = check_value(f.name, values[f.name], str(f.type), dict(f.metadata),
+                                          sources.get(f.name, source))
+    return Config(**checked)
 
 
-__all__ = ["Config", "build_parser", "load_config", "make_config", "read_yaml"]
+__all__ = ["Config", "build_parser", "check_value", "load_config", "make_config", "read_yaml"]

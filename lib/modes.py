@@ -65,9 +65,12 @@ class Mode:
         cfg = self.cfg
         if cfg.batch_size % samples_per_class:
             raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of --samples-per-class {samples_per_class}")
-        return ClassBalancedBatchSampler(self.labels.tolist(), cfg.batch_size // samples_per_class, samples_per_class,
-                                         num_batches=self.num_batches(),
-                                         seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+        sampler = ClassBalancedBatchSampler(self.labels.tolist(), cfg.batch_size // samples_per_class, samples_per_class,
+                                            num_batches=self.num_batches(),
+                                            seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+        if self.rank == 0:
+            print(f">> sampler: {sampler.describe()}")
+        return sampler
 
     def base_objectives(self) -> List[ObjectiveSpec]:
         raise NotImplementedError

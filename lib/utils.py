@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import ast
+import glob
 import json
+import math
 import operator
 import os
 import random
@@ -36,10 +38,13 @@ def parse_scales(text: str | List[float]) -> List[float]:
         tree = ast.parse(str(text).strip(), mode="eval").body
         items = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
         scales = [_arith(item) for item in items]
-    except (SyntaxError, ValueError) as err:
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError) as err:
         raise ValueError(f"--multiscale {text!r}: expected a list of numbers such as '[1, 1/2**(1/2), 1/2]' ({err})") from None
-    if not scales or any(s <= 0 for s in scales):
-        raise ValueError(f"--multiscale {text!r}: scales must be positive")
+    if not scales:
+        raise ValueError(f"--multiscale {text!r}: give at least one scale")
+    bad = [s for s in scales if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise ValueError(f"--multiscale {text!r}: scales must be positive finite numbers, got {bad[0]}")
     return scales
 
 
@@ -73,13 +78,40 @@ def environment() -> Dict[str, Any]:
             "onednn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)}
 
 
+def _remove_stale_temporaries(path: Path, suffix: str) -> None:
+    """Delete the temporary files that earlier :func:`atomic_write` calls to ``path`` left when their
+    process was killed mid-write (``.NAME.<pid>.XXXX<suffix>`` whose process is gone). A file of a
+    live process (another writer of the same path) is left alone; one written on another machine
+    sharing the folder may be taken for a live one and stays, which is harmless."""
+    prefix = f".{path.name}."
+    for leftover in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        parts = leftover.name[len(prefix):len(leftover.name) - len(suffix)].split(".")
+        if len(parts) != 2 or not parts[0].isdigit():  # not ".NAME.<pid>.<random><suffix>"
+            continue
+        pid = parts[0]
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive: its write is still under way
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OSError):
+                continue  # alive (another user's process) or unknown: leave it
+        try:
+            leftover.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def atomic_write(path: str | os.PathLike, write, suffix: str = ".tmp") -> Path:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a run killed
     mid-write leaves the previous file (or none), never a partial one. ``suffix`` is for writers that
-    pick the format from the name (Pillow, matplotlib)."""
+    pick the format from the name (Pillow, matplotlib). The temporary file's name holds the writer's
+    process id, so the next write to ``path`` removes what a killed writer left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    _remove_stale_temporaries(path, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -91,13 +123,36 @@ def atomic_write(path: str | os.PathLike, write, suffix: str = ".tmp") -> Path:
     return path
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, so that it serialises as strict
+    JSON (``null``), not as the bare ``NaN`` literal that Python's json writes and other parsers reject;
+    numpy scalars and 0-d tensors become Python numbers, tuples lists."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (np.generic, torch.Tensor)) and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON text of ``obj`` (non-finite floats as ``null``, see :func:`json_safe`)."""
+    kwargs.setdefault("indent", 2)
+    return json.dumps(json_safe(obj), allow_nan=False, default=str, **kwargs)
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write strict JSON (NaN/inf as ``null``) atomically (temporary file + rename)."""
+    text = dumps_json(obj) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w") as handle:
+            handle.write(text)
+
+    atomic_write(path, write)
 
 
 def autocast_context(device: torch.device, amp: Optional[str]):
@@ -117,5 +172,5 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[str]:
     return amp
 
 
-__all__ = ["resolve_amp", "autocast_context", "parse_scales", "select_device", "seed_everything", "write_json",
-           "environment"]
+__all__ = ["resolve_amp", "autocast_context", "parse_scales", "select_device", "seed_everything", "json_safe",
+           "dumps_json", "write_json", "environment"]

@@ -9,27 +9,54 @@ LABELS = [c for c in range(10) for _ in range(6)] + [10, 10]  # 10 classes of 6 
 
 
 def test_yields_p_by_k_distinct_classes_and_images():
-    sampler = ClassBalancedBatchSampler(LABELS, 4, 3, num_batches=7, seed=1)
+    labels = LABELS[:60]  # classes of 6 images; the small class is tested below
+    sampler = ClassBalancedBatchSampler(labels, 4, 3, num_batches=7, seed=1)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 7
     for batch in batches:
         assert len(batch) == 12 and len(set(batch)) == 12
-        counts = Counter(LABELS[i] for i in batch)
+        counts = Counter(labels[i] for i in batch)
         assert sorted(counts.values()) == [3, 3, 3, 3]
         # class after class
-        assert [LABELS[i] for i in batch[::3]] == [LABELS[i] for i in batch[2::3]]
+        assert [labels[i] for i in batch[::3]] == [labels[i] for i in batch[2::3]]
 
 
-def test_small_class_skipped_or_repeated():
-    sampler = ClassBalancedBatchSampler(LABELS, 4, 3, num_batches=50, seed=0)
-    assert sampler.skipped_classes == [10]
-    assert all(LABELS[i] != 10 for b in sampler for i in b)
-    repeats = ClassBalancedBatchSampler(LABELS, 11, 3, num_batches=3, seed=0, allow_repeats=True)
-    for batch in repeats:  # every class, including the 2-image one, present K times
+def test_small_classes_train_with_every_image_and_repeats():
+    sampler = ClassBalancedBatchSampler(LABELS, 11, 3, num_batches=20, seed=0)
+    assert sampler.small_classes == [10]
+    assert "1 classes have fewer than 3 images (2)" in sampler.describe()
+    for batch in sampler:  # every class, including the 2-image one, in every batch, K slots each
         counts = Counter(LABELS[i] for i in batch)
-        assert counts[10] == 3 and set(i for i in batch if LABELS[i] == 10) <= {60, 61}
-    with pytest.raises(ValueError, match="classes_per_batch=11"):
-        ClassBalancedBatchSampler(LABELS, 11, 3)
+        assert len(batch) == 33 and set(counts.values()) == {3}
+        small = [i for i in batch if LABELS[i] == 10]
+        assert set(small) == {60, 61}  # both images, one of them twice
+    # the 2-image class is drawn as often as the others (it is never skipped)
+    seen = Counter(LABELS[i] for b in ClassBalancedBatchSampler(LABELS, 4, 3, num_batches=300, seed=1) for i in b[::3])
+    assert len(seen) == 11 and min(seen.values()) > 0.6 * max(seen.values())
+    # a set of 2-image classes only (the case) trains at K = 4
+    pairs = [c for c in range(6) for _ in range(2)]
+    batches = list(ClassBalancedBatchSampler(pairs, 2, 4, seed=0))
+    assert batches and all(sorted(Counter(pairs[i] for i in b).values()) == [4, 4] for b in batches)
+    assert all(len(set(b)) == 4 for b in batches)  # 2 classes x their 2 distinct images
+    with pytest.raises(ValueError, match="only 11 classes, fewer than classes_per_batch=12"):
+        ClassBalancedBatchSampler(LABELS, 12, 3)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_small_classes_deterministic_resumable_and_sharded(world_size):
+    labels = [c for c in range(8) for _ in range(1 + c % 3)]  # classes of 1, 2 and 3 images at K = 4
+    def epoch_batches(epoch, rank=0):
+        sampler = ClassBalancedBatchSampler(labels, 4, 4, num_batches=5, seed=7, rank=rank, world_size=world_size)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    full = ClassBalancedBatchSampler(labels, 4, 4, num_batches=5, seed=7)
+    for epoch in range(3):  # a fresh sampler at epoch e (a resumed run) draws what the running one draws
+        full.set_epoch(epoch)
+        batches = list(full)
+        assert batches == epoch_batches(epoch, 0) if world_size == 1 else \
+            [sum(parts, []) for parts in zip(*[epoch_batches(epoch, r) for r in range(world_size)])] == batches
+    assert epoch_batches(0) != epoch_batches(1)
 
 
 def test_default_length_and_errors():

@@ -29,11 +29,14 @@ def _generator(seed: int, epoch: int) -> torch.Generator:
 class ClassBalancedBatchSampler:
     """Batches of ``classes_per_batch`` (P) distinct classes x ``samples_per_class`` (K) images.
 
-    Each global batch draws P distinct classes uniformly among the eligible ones, then K distinct
-    images of each class uniformly (Revisiting's sampler draws classes and images *with* replacement,
-    so a batch can repeat a class or an image; here neither repeats). A class with fewer than K images
-    is eligible only with ``allow_repeats=True``, and then its images are drawn with replacement;
-    otherwise it is skipped (``skipped_classes`` lists them).
+    Each global batch draws P distinct classes uniformly among all classes, then K distinct images of
+    each class uniformly (Revisiting's sampler draws classes and images *with* replacement, so a batch
+    can repeat a class or an image; here neither repeats while a class has K images). A class with
+    fewer than K images (``small_classes``, e.g. SOP's classes of 2-3 images at K = 4) still trains:
+    its K slots hold every one of its images once, in random order, then repeats drawn uniformly with
+    replacement among them, so the batch keeps its P x K shape (which DDP's per-rank slices need);
+    :meth:`describe` says how many classes that concerns. A repeated image gets the same augmentation
+    as its first copy (the views are seeded by (seed, epoch, index)), so it adds weight, not views.
 
     ``num_batches`` per epoch defaults to ``len(labels) / (P K)``, rounded down with ``drop_last``
     (every batch is full either way; the flag only picks the rounding). Distributed: the global batch
@@ -43,7 +46,7 @@ class ClassBalancedBatchSampler:
 
     def __init__(self, labels: Sequence[int], classes_per_batch: int, samples_per_class: int, *,
                  num_batches: Optional[int] = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True, allow_repeats: bool = False):
+                 drop_last: bool = True):
         _check_rank(rank, world_size)
         if classes_per_batch < 1 or samples_per_class < 1:
             raise ValueError(f"classes_per_batch and samples_per_class must be >= 1, got "
@@ -55,16 +58,14 @@ class ClassBalancedBatchSampler:
         by_class: Dict[int, List[int]] = {}
         for index, label in enumerate(labels):
             by_class.setdefault(label, []).append(index)
-        self.skipped_classes = sorted(c for c, idx in by_class.items() if len(idx) < samples_per_class and not allow_repeats)
-        self.classes = sorted(c for c in by_class if c not in set(self.skipped_classes))
+        self.classes = sorted(by_class)
+        self.small_classes = [c for c in self.classes if len(by_class[c]) < samples_per_class]
         if len(self.classes) < classes_per_batch:
-            raise ValueError(f"only {len(self.classes)} classes have >= {samples_per_class} images "
-                             f"(of {len(by_class)}), fewer than classes_per_batch={classes_per_batch}; "
-                             "lower P or K, or pass allow_repeats=True")
+            raise ValueError(f"only {len(self.classes)} classes, fewer than classes_per_batch={classes_per_batch} "
+                             f"(a batch takes distinct classes); lower the batch size or raise samples_per_class")
         self.indices = [torch.tensor(by_class[c]) for c in self.classes]
         self.P, self.K = classes_per_batch, samples_per_class
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.allow_repeats, self.drop_last = allow_repeats, drop_last
+        self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
         batch = classes_per_batch * samples_per_class
         if num_batches is None:
             num_batches = len(labels) // batch if drop_last else -(-len(labels) // batch)
@@ -73,6 +74,15 @@ class ClassBalancedBatchSampler:
                              f"batch {batch})")
         self.num_batches = int(num_batches)
         self.epoch = 0
+
+    def describe(self) -> str:
+        """One line for the log: the batch shape and what happens to the classes smaller than K."""
+        text = f"class-balanced batches of {self.P} classes x {self.K} images from {len(self.classes)} classes"
+        if self.small_classes:
+            sizes = sorted({len(self.indices[self.classes.index(c)]) for c in self.small_classes})
+            text += (f"; {len(self.small_classes)} classes have fewer than {self.K} images ({', '.join(map(str, sizes))}): "
+                     f"their batches hold each of their images and repeat some to fill {self.K} slots")
+        return text
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -87,10 +97,9 @@ class ClassBalancedBatchSampler:
             batch: List[int] = []
             for c in torch.randperm(len(self.classes), generator=gen)[: self.P].tolist():
                 members = self.indices[c]
-                if len(members) >= self.K:
-                    pick = torch.randperm(len(members), generator=gen)[: self.K]
-                else:
-                    pick = torch.randint(len(members), (self.K,), generator=gen)
+                pick = torch.randperm(len(members), generator=gen)[: self.K]
+                if len(members) < self.K:  # every image once, then repeats to fill K slots
+                    pick = torch.cat([pick, torch.randint(len(members), (self.K - len(members),), generator=gen)])
                 batch.extend(members[pick].tolist())
             yield batch
 

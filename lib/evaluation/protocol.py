@@ -32,6 +32,10 @@ def evaluate_settings(embeddings: Mapping[str, Tensor], labels: Tensor,
             query, db = query.to(device), db.to(device)
         lab = labels.to(query.device)
         results[name] = retrieval_metrics(query, db, lab, lab, exclude_self=True, ks=ks, chunk_size=chunk_size)
+        if results[name]["num_queries"] == 0:
+            raise ValueError(f"setting {name!r}: none of the {len(lab)} queries has a positive (every class holds a "
+                             "single image), so no retrieval metric is defined; give the test set classes of two "
+                             "images or more")
         if query_key != db_key:
             results[name].update(alignment_metrics(query, db, chunk_size=chunk_size))
     return results
@@ -56,7 +60,7 @@ def format_table(rows: Mapping[str, Mapping[str, float]],
                  title: str = "") -> str:
     """A fixed-width table of percentages, one row per setting (``mAP/T``: % of the teacher's symmetric mAP;
     ``cos``: mean student-teacher cosine of the same image; ``self-R@1``: % of images whose nearest
-    database row is their own)."""
+    database row is their own), and a last line saying how many queries had no positive, if any."""
     present = [c for c in columns if any(c in r for r in rows.values())]
     width = max([len(title)] + [len(k) for k in rows]) + 2
     cell = {c: max(8, len(c) + 1) for c in present}
@@ -64,6 +68,11 @@ def format_table(rows: Mapping[str, Mapping[str, float]],
     for name, metrics in rows.items():
         cells = "".join((f"{100 * metrics[c]:.2f}" if c in metrics else "-").rjust(cell[c]) for c in present)
         lines.append(name.ljust(width) + cells)
+    without = max((int(r.get("num_queries_without_positives") or 0) for r in rows.values()), default=0)
+    if without:
+        total = max(int(r.get("num_queries", 0)) + int(r.get("num_queries_without_positives", 0)) for r in rows.values())
+        lines.append(f"{without} of {total} queries have no positive (the only image of their class): "
+                     "left out of every average above")
     return "\n".join(lines)
 
 
