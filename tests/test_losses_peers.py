@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -410,7 +406,7 @@ def test_killed_run_with_a_gallery_memory_resumes_to_the_same_weights(tiny_datas
     """ts_reg with csd and d3still over a memory: kill after the first epoch's checkpoint, resume, and
     compare with an uninterrupted run (the memory must come back from the checkpoint for this to hold)."""
     from lib.checkpoint import load_checkpoint
-    from test_main import _teacher
+    from test_main import _teacher, kill_after_first_checkpoint
 
     import main as main_module
 
@@ -421,17 +417,7 @@ def test_killed_run_with_a_gallery_memory_resumes_to_the_same_weights(tiny_datas
     main_module.main(_main_args(tiny_dataset, straight, *common))
 
     killed = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *_main_args(tiny_dataset, killed, *common)],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = killed / "checkpoint_last.pth"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert last.exists()
-    assert load_checkpoint(last)["epoch"] < 3, "the run finished before it could be killed; make it longer"
+    last = kill_after_first_checkpoint(_main_args(tiny_dataset, killed, *common), killed, cwd=tmp_path, epochs=3)
     main_module.main(_main_args(tiny_dataset, killed, *common, "--resume-student", "last"))
 
     a, b = load_checkpoint(straight / "checkpoint_last.pth"), load_checkpoint(last)

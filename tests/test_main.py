@@ -88,6 +88,23 @@ def test_resume_refuses_another_architecture(tiny_dataset, tmp_path):
                                    "--whitening", "8", "--resume-student", "last"))
 
 
+def kill_after_first_checkpoint(argv, run_dir: Path, *, cwd: Path, epochs: int) -> Path:
+    """Run ``main.py argv`` in a real process, SIGKILL it as soon as ``run_dir/checkpoint_last.pth``
+    exists, check the kill came before the last of ``epochs``; returns that checkpoint's path."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *argv], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoint_last.pth"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists()
+    assert load_checkpoint(last)["epoch"] < epochs, "the run finished before it could be killed; make it longer"
+    return last
+
+
 def test_killed_run_resumes_to_the_same_result(tiny_dataset, tmp_path):
     """Kill a real training process after its first epoch's checkpoint, resume, compare with a run
     that was never interrupted."""
@@ -97,18 +114,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_dataset, tmp_path):
     main_module.main(tiny_args(tiny_dataset, straight, *common))
 
     killed = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *tiny_args(tiny_dataset, killed, *common)],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = killed / "checkpoint_last.pth"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert last.exists()
-    epoch_at_kill = load_checkpoint(last)["epoch"]
-    assert epoch_at_kill < 3, "the run finished before it could be killed; make it longer"
+    last = kill_after_first_checkpoint(tiny_args(tiny_dataset, killed, *common), killed, cwd=tmp_path, epochs=3)
     main_module.main(tiny_args(tiny_dataset, killed, *common, "--resume-student", "last"))
 
     a, b = load_checkpoint(straight / "checkpoint_last.pth"), load_checkpoint(last)
