@@ -12,7 +12,8 @@ views per image (8), mixup (Beta(0.2, 0.2)), for each view backend:
   (``mix_and_normalize``, timed as part of the consumer loop).
 
 Figures: "per worker" is one process rendering samples in a loop with one torch thread (views per
-second per CPU core); then a ``DataLoader`` with 1, 2, 4, ... workers (batch ``--batch-size`` images,
+second per CPU core; with ``--repeats`` R, R measurements alternating between the backends and their
+median); then a ``DataLoader`` with 1, 2, 4, ... workers (batch ``--batch-size`` images,
 ``pin_memory`` on CUDA) timed from its first batch to its last; then the training step of
 ``bench_train_step.py`` (ours: teacher forward, student forward/backward, AdamW; AMP and channels_last on
 CUDA) on random inputs of the same shape. "ratio" = pipeline views/s / network views/s: below 1, the
@@ -122,6 +123,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (each gives --pos-num views)")
     p.add_argument("--images", type=int, default=48, help="JPEG files written")
     p.add_argument("--samples", type=int, default=6, help="samples rendered by the single-process measurement")
+    p.add_argument("--repeats", type=int, default=1, help="single-process measurements per backend, interleaved "
+                                                          "across backends; the table shows their median")
     p.add_argument("--batches", type=int, default=3, help="batches timed per DataLoader (after the first)")
     p.add_argument("--workers", default="1,2", help="comma-separated DataLoader worker counts")
     p.add_argument("--backends", default=",".join(VIEW_BACKENDS))
@@ -139,10 +142,19 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         paths = write_jpegs(folder, args.images)
-        for backend in args.backends.split(","):
-            rate = per_worker(paths, backend, sizes, args.pos_num, args.mixup_alpha, args.samples, device)
+        backends = args.backends.split(",")
+        per_rep = {backend: [] for backend in backends}
+        for rep in range(args.repeats):  # interleaved, so a change of load hits every backend alike
+            for backend in backends:
+                per_rep[backend].append(per_worker(paths, backend, sizes, args.pos_num, args.mixup_alpha,
+                                                   args.samples, device))
+            print(f"  per worker, repetition {rep + 1}: "
+                  + ", ".join(f"{b} {per_rep[b][-1]:.1f}" for b in backends) + " views/s", flush=True)
+        for backend in backends:
+            rate = float(np.median(per_rep[backend]))
             rows.append((backend, "1 process, 1 thread", rate))
-            print(f"  {backend}: {rate:.1f} views/s per worker", flush=True)
+            print(f"  {backend}: {rate:.1f} views/s per worker (median of {args.repeats})", flush=True)
+        for backend in backends:
             for w in (int(x) for x in args.workers.split(",")):
                 rate = with_loader(paths, backend, sizes, args.pos_num, args.mixup_alpha, w, args.batches,
                                    args.batch_size, device)
