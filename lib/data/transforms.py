@@ -25,6 +25,9 @@ except Exception:  # pragma: no cover
 
 VIEW_BACKENDS = ("pil", "tensor")
 
+# the random draws of one view: crop box (top, left, height, width), flip, and jitter (factors, order) or None
+ViewDraws = Tuple[Tuple[int, int, int, int], bool, Optional[Tuple[Tuple[float, float, float, float], List[int]]]]
+
 
 def _require_tv():
     if TF is None:
@@ -182,31 +185,43 @@ class PairedViews:
             raise ValueError(f"lut_size must be in [2, 65] (Pillow's Color3DLUT), got {lut_size}")
         self.backend, self.lut_size = backend, int(lut_size)
 
-    def _jittered_crop(self, image: Image.Image, generator: torch.Generator, fused: bool = False) -> Image.Image:
-        """The random crop of ``image``, flipped and jittered at its own resolution (every random draw).
+    def draw(self, width: int, height: int, generator: torch.Generator) -> ViewDraws:
+        """Every random draw of one view of a ``width`` x ``height`` image: the crop box (top, left,
+        height, width), the flip, the jitter factors and order (None without jitter). Only the image's
+        size is needed, so a view can be drawn before (or without) decoding its image."""
+        box = random_resized_crop_params(width, height, generator, self.scale)
+        flip = float(torch.rand((), generator=generator)) < self.flip
+        return box, flip, (self._jitter_draws(generator) if self.jitter else None)
+
+    def _jittered_crop(self, image: Image.Image, draws: ViewDraws, fused: bool = False) -> Image.Image:
+        """The drawn crop of ``image``, flipped and jittered at its own resolution.
 
         ``fused``: the four jitter operations as one colour table (:func:`fused_jitter`) instead of
         Pillow's four passes; the same draws either way."""
         _require_tv()
-        top, left, h, w = random_resized_crop_params(image.width, image.height, generator, self.scale)
+        (top, left, h, w), flip, jitter = draws
         crop = image.crop((left, top, left + w, top + h))
-        if float(torch.rand((), generator=generator)) < self.flip:
+        if flip:
             crop = TF.hflip(crop)
-        if self.jitter:
-            factors, order = self._jitter_draws(generator)
+        if jitter is not None:
+            factors, order = jitter
             crop = fused_jitter(crop, factors, order, self.lut_size) if fused else _jitter_ops(crop, factors, order)
         return crop
 
     def render(self, image: Image.Image, generator: torch.Generator) -> List[Image.Image]:
         """The un-normalised PIL views, one per size."""
-        crop = self._jittered_crop(image, generator)
+        crop = self._jittered_crop(image, self.draw(image.width, image.height, generator))
         return [crop.resize((s, s), Image.BILINEAR) for s in self.sizes]
 
     def render_uint8(self, image: Image.Image, generator: torch.Generator) -> List[Tensor]:
         """The views as (3, s, s) uint8 tensors, one per size, resized by torchvision (``"tensor"`` backend)."""
+        return self.render_drawn_uint8(image, self.draw(image.width, image.height, generator))
+
+    def render_drawn_uint8(self, image: Image.Image, draws: ViewDraws) -> List[Tensor]:
+        """:meth:`render_uint8` of views drawn beforehand by :meth:`draw`."""
         if TF2 is None:
             raise ImportError("the 'tensor' view backend needs torchvision.transforms.v2 (torchvision >= 0.16)")
-        crop = torch.from_numpy(np.array(self._jittered_crop(image, generator, fused=True))).permute(2, 0, 1)  # (3, h, w) view
+        crop = torch.from_numpy(np.array(self._jittered_crop(image, draws, fused=True))).permute(2, 0, 1)  # (3, h, w)
         return [TF2.resize(crop, [s, s], interpolation=TF2.InterpolationMode.BILINEAR, antialias=True)
                 for s in self.sizes]
 
