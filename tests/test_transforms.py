@@ -103,10 +103,12 @@ def _level_differences(tmp_path, mixup, jitter, sizes=(24, 56), count=5, pos_num
 
 @pytest.mark.parametrize("mixup", [0.2, 0.0])
 def test_tensor_backend_resizes_like_pil_within_one_level(tmp_path, mixup):
-    """Without colour jitter the backends differ only in the resizer: every pixel of every view, mixed
-    and normalised, within 1/255 (plus float32 rounding) of the 'pil' one; most pixels equal."""
+    """Without colour jitter the backends differ only in the resizer (1/255 at most) and, with mixup, in
+    the components lighter than 1/510 that 'tensor' drops (under half a level): every pixel of every
+    view, mixed and normalised, within 1/255 (1.5/255 with mixup; plus float32 rounding) of the 'pil'
+    one; most pixels equal."""
     levels = _level_differences(tmp_path, mixup, jitter=None)
-    assert float(levels.max()) <= 1 + 1e-3
+    assert float(levels.max()) <= (1.5 if mixup else 1) + 1e-3
     assert float((levels > 1e-3).float().mean()) < 0.2
 
 

@@ -75,6 +75,19 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(f"cannot load image {path!r}: {type(e).__name__}: {e}") from e
 
 
+def image_size(path: str | os.PathLike) -> Tuple[int, int]:
+    """(width, height) of the image at ``path``, read from its header without decoding it (the size
+    :func:`load_image` returns). Raises :class:`ImageLoadError` like it for a missing or unreadable file."""
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise ImageLoadError(f"image {path!r} not found") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"cannot load image {path!r}: {type(e).__name__}: {e}") from e
+
+
 class ImageList(torch.utils.data.Dataset):
     """``dataset[i] = (transform(loader(paths[i])), labels[i], i)``; the label is -1 without ``labels``.
 

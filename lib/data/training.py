@@ -12,13 +12,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lib.data.datasets import load_image
+from lib.data.datasets import image_size, load_image
 from lib.data.transforms import PairedViews, random_resized_crop_params, sample_generator, to_tensor_normalized
 
 try:
     from torchvision.transforms import functional as TF
 except Exception:  # pragma: no cover
     TF = None
+
+
+# mixup weight below which a component moves no pixel of the mix by half a grey level (the 'tensor'
+# backend skips rendering it)
+MIXUP_NEGLIGIBLE = 1 / 510
 
 
 class _EpochDataset(Dataset):
@@ -73,22 +78,40 @@ class PairedViewDataset(_EpochDataset):
         return (*stacks, int(self.labels[index]), index)
 
     def _uint8_item(self, index: int):
-        """The ``"tensor"`` backend: the same draws as ``__getitem__``, written into uint8 stacks."""
+        """The ``"tensor"`` backend: the same draws as ``__getitem__``, written into uint8 stacks.
+
+        A mixup component lighter than ``MIXUP_NEGLIGIBLE`` (1/510) moves no pixel of the mix by half a
+        grey level, so it is not rendered (nor, for a partner, decoded): its weight goes to the other
+        component and its slot is zero. Its draws are still taken, so every later draw is unchanged."""
         gen = sample_generator(self.seed, self.epoch, index)
         image = load_image(self.paths[index])
         k = 2 if self.mixup_alpha > 0 else 1
         stacks = [torch.empty(self.pos_num, k, 3, s, s, dtype=torch.uint8) for s in self.views.sizes]
         weights = torch.ones(self.pos_num, k, dtype=torch.float32)
         for p in range(self.pos_num):
-            for stack, view in zip(stacks, self.views.render_uint8(image, gen)):
-                _put(stack[p, 0], view)
-            if k == 2:
-                other = int(torch.randint(len(self.paths), (1,), generator=gen))
-                for stack, view in zip(stacks, self.views.render_uint8(load_image(self.paths[other]), gen)):
-                    _put(stack[p, 1], view)
-                lam = _beta_sample(self.mixup_alpha, gen)
-                weights[p] = torch.tensor([lam, 1 - lam], dtype=torch.float64).float()
+            own = self.views.draw(image.width, image.height, gen)
+            if k == 1:
+                self._put_views(stacks, p, 0, image, own)
+                continue
+            partner_path = self.paths[int(torch.randint(len(self.paths), (1,), generator=gen))]
+            partner = self.views.draw(*image_size(partner_path), gen)
+            lam = _beta_sample(self.mixup_alpha, gen)
+            weights[p] = torch.tensor([lam, 1 - lam], dtype=torch.float64).float()
+            if min(lam, 1 - lam) < MIXUP_NEGLIGIBLE:
+                weights[p] = torch.tensor([1.0, 0.0] if lam > 0.5 else [0.0, 1.0])
+            if weights[p, 0] > 0:
+                self._put_views(stacks, p, 0, image, own)
+            if weights[p, 1] > 0:
+                self._put_views(stacks, p, 1, load_image(partner_path), partner)
+            for slot in range(2):
+                if weights[p, slot] == 0:
+                    for stack in stacks:
+                        stack[p, slot].zero_()
         return (*stacks, weights, int(self.labels[index]), index)
+
+    def _put_views(self, stacks, p: int, slot: int, image, draws) -> None:
+        for stack, view in zip(stacks, self.views.render_drawn_uint8(image, draws)):
+            _put(stack[p, slot], view)
 
 
 def _put(target: Tensor, view: Tensor) -> None:
