@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lib.data import splits as S  # noqa: E402
-from lib.data.datasets import ImageList, ImageLoadError, load_image, verify_images  # noqa: E402
+from lib.data.datasets import ImageList, ImageLoadError, image_size, load_image, verify_images  # noqa: E402
 from lib.data.splits import (  # noqa: E402
     DATASETS, DatasetSplit, carve_val, load_split, load_split_json, parse_dataset_spec, register_dataset,
     save_split_json, split_summary, trainval, validate_split,
@@ -546,6 +546,18 @@ def test_load_image_errors_name_the_path(tmp_path):
         report = verify_images([str(p) for p in good + bad], workers=workers)
         assert [r[0] for r in report] == [str(p) for p in bad]
         assert all(str(p) in reason for p, reason in report)
+
+
+def test_image_size_reads_the_header_like_load_image(tmp_path):
+    Image.fromarray(np.zeros((7, 11), np.uint8)).save(tmp_path / "l.png")
+    Image.fromarray(np.zeros((5, 9, 3), np.uint8)).save(tmp_path / "rgb.jpg")
+    for name in ("l.png", "rgb.jpg"):
+        assert image_size(tmp_path / name) == load_image(tmp_path / name).size
+    with pytest.raises(ImageLoadError, match="'.*missing.png' not found"):
+        image_size(tmp_path / "missing.png")
+    (tmp_path / "garbage.jpg").write_bytes(b"this is not an image at all" * 10)
+    with pytest.raises(ImageLoadError, match="garbage.jpg.*UnidentifiedImageError"):
+        image_size(tmp_path / "garbage.jpg")
 
 
 def test_image_list(tmp_path):
