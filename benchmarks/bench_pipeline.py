@@ -88,6 +88,21 @@ def per_worker(paths, backend, sizes, pos_num, mixup, samples, device) -> float:
         torch.set_num_threads(threads)
 
 
+def view_differences(paths, sizes, pos_num, mixup, samples):
+    """|tensor - pil| in grey levels over every pixel of the views of the first ``samples`` samples
+    (mixed and normalised as training sees them): (mean, max, share over 2, share over 5)."""
+    old, new = dataset(paths, "pil", sizes, pos_num, mixup), dataset(paths, "tensor", sizes, pos_num, mixup)
+    std = torch.tensor(NORM[1]).view(3, 1, 1)
+    levels = []
+    for i in range(samples):
+        reference, ours = old[i % len(paths)], new[i % len(paths)]
+        for k in range(2):
+            levels.append((((mix_and_normalize(ours[k], ours[2], *NORM) - reference[k]) * std).abs() * 255).flatten())
+    levels = torch.cat(levels)
+    return (float(levels.mean()), float(levels.max()), float((levels > 2).float().mean()),
+            float((levels > 5).float().mean()))
+
+
 def with_loader(paths, backend, sizes, pos_num, mixup, workers, batches, batch_size, device) -> float:
     data = dataset(paths, backend, sizes, pos_num, mixup)
     indices = list(range(batch_size * (batches + 1)))
@@ -130,6 +145,8 @@ def main(argv=None):
     p.add_argument("--backends", default=",".join(VIEW_BACKENDS))
     p.add_argument("--steps", type=int, default=2, help="timed training steps (after one warm-up)")
     p.add_argument("--skip-step", action="store_true", help="do not time the network step")
+    p.add_argument("--compare-samples", type=int, default=0, help="also compare the 'tensor' views of this many "
+                                                                   "samples with the 'pil' ones (grey levels)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     arch = args.arch or ("tv:resnet50" if device.type == "cuda" else "tf_efficientnet_lite0")
@@ -142,6 +159,12 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         paths = write_jpegs(folder, args.images)
+        if args.compare_samples:
+            mean, worst, over2, over5 = view_differences(paths, sizes, args.pos_num, args.mixup_alpha,
+                                                         args.compare_samples)
+            print(f"  |tensor - pil| over {args.compare_samples} samples x {args.pos_num} views: mean {mean:.3f} "
+                  f"levels, max {worst:.1f}, {100 * over2:.2f}% of pixels over 2 levels, {100 * over5:.3f}% over 5",
+                  flush=True)
         backends = args.backends.split(",")
         per_rep = {backend: [] for backend in backends}
         for rep in range(args.repeats):  # interleaved, so a change of load hits every backend alike

@@ -77,10 +77,11 @@ class Config:
     crop_scale: float = opt(0.08, "smallest area share of the random crop of 'ts_aug' views (1: the whole image)",
                             low=0.0, high=1.0, low_open=True)
     mixup_alpha: float = opt(0.2, "Beta(a, a) of the mixup in 'ts_aug' (0: off)", low=0.0)
-    view_backend: str = opt("pil", "how 'ts_aug' views are resized and mixed: pil (Pillow, float views from the "
-                                   "workers; bit-identical to earlier runs) or tensor (torchvision's uint8 resize, "
-                                   "uint8 views mixed and normalised on the device; pixels within 1/255, about "
-                                   "1.5x the views/s per worker)", choices=("pil", "tensor"))
+    view_backend: str = opt("pil", "how 'ts_aug' views are jittered, resized and mixed: pil (Pillow, float views "
+                                   "from the workers; bit-identical to earlier runs) or tensor (jitter as one colour "
+                                   "table, torchvision's uint8 resize, uint8 views mixed and normalised on the device; "
+                                   "pixels within 1 level of pil on average, 24 at most; about 2x the views/s per "
+                                   "worker)", choices=("pil", "tensor"))
     # optimisation
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     gpu_id: Optional[str] = opt(None, "seed compatibility: '0' or '0,1' (the teacher on the second GPU)", "-g")

@@ -50,7 +50,8 @@ class PairedViewDataset(_EpochDataset):
     device by :func:`lib.data.transforms.mix_and_normalize`: ``(student_views (P, K, 3, s, s) uint8,
     teacher_views (P, K, 3, t, t) uint8, weights (P, K), label, index)``, K = 2 (the image, its mixup
     partner; weights lambda, 1 - lambda) or 1 without mixup. The random draws are the same as with
-    ``"pil"``, in the same order, so both backends crop, flip, jitter and mix alike.
+    ``"pil"``, in the same order, so both backends crop, flip, jitter and mix alike; a component lighter
+    than 1/510 is left out (weights 1 and 0, its slot zero), which moves no pixel by half a level.
     """
 
     def __init__(self, paths, labels, views: PairedViews, pos_num: int = 8, mixup_alpha: float = 0.2, seed: int = 0):
