@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from lib.data.training import PairedViewDataset  # noqa: E402
+from lib.data.training import MIXUP_NEGLIGIBLE, PairedViewDataset  # noqa: E402
 from lib.data.transforms import VIEW_BACKENDS, PairedViews, mix_and_normalize  # noqa: E402
 
 NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -58,9 +58,10 @@ def write_jpegs(folder: str, count: int, width: int = 500, height: int = 375, se
     return paths
 
 
-def dataset(paths, backend: str, sizes, pos_num: int, mixup: float):
+def dataset(paths, backend: str, sizes, pos_num: int, mixup: float, negligible_mixup: float = MIXUP_NEGLIGIBLE):
     views = PairedViews(list(sizes), [NORM, NORM], scale=(0.08, 1.0), backend=backend)
-    return PairedViewDataset(paths, list(range(len(paths))), views, pos_num, mixup, seed=0)
+    return PairedViewDataset(paths, list(range(len(paths))), views, pos_num, mixup, seed=0,
+                             negligible_mixup=negligible_mixup)
 
 
 def finish(batch, device: torch.device):
@@ -71,27 +72,32 @@ def finish(batch, device: torch.device):
     return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
 
 
-def per_worker(paths, backend, sizes, pos_num, mixup, samples, device) -> float:
-    """Views/s of one process, one torch thread, including the device-side finishing of its samples."""
+def per_worker(paths, backend, sizes, pos_num, mixup, samples, device, negligible_mixup=MIXUP_NEGLIGIBLE):
+    """(views/s, views with a dropped mixup component) of one process, one torch thread, including the
+    device-side finishing of its samples."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        data = dataset(paths, backend, sizes, pos_num, mixup)
+        data = dataset(paths, backend, sizes, pos_num, mixup, negligible_mixup)
         finish(torch.utils.data.default_collate([data[0]]), device)  # warm-up
         _sync(device)
-        start = time.perf_counter()
+        start, dropped = time.perf_counter(), 0
         for i in range(samples):
-            finish(torch.utils.data.default_collate([data[(i + 1) % len(paths)]]), device)
+            batch = torch.utils.data.default_collate([data[(i + 1) % len(paths)]])
+            finish(batch, device)
+            if len(batch) == 5:
+                dropped += int((batch[2] == 0).any(-1).sum())
         _sync(device)
-        return samples * pos_num / (time.perf_counter() - start)
+        return samples * pos_num / (time.perf_counter() - start), dropped
     finally:
         torch.set_num_threads(threads)
 
 
-def view_differences(paths, sizes, pos_num, mixup, samples):
+def view_differences(paths, sizes, pos_num, mixup, samples, negligible_mixup=MIXUP_NEGLIGIBLE):
     """|tensor - pil| in grey levels over every pixel of the views of the first ``samples`` samples
     (mixed and normalised as training sees them): (mean, max, share over 2, share over 5)."""
-    old, new = dataset(paths, "pil", sizes, pos_num, mixup), dataset(paths, "tensor", sizes, pos_num, mixup)
+    old = dataset(paths, "pil", sizes, pos_num, mixup)
+    new = dataset(paths, "tensor", sizes, pos_num, mixup, negligible_mixup)
     std = torch.tensor(NORM[1]).view(3, 1, 1)
     levels = []
     for i in range(samples):
@@ -103,8 +109,9 @@ def view_differences(paths, sizes, pos_num, mixup, samples):
             float((levels > 5).float().mean()))
 
 
-def with_loader(paths, backend, sizes, pos_num, mixup, workers, batches, batch_size, device) -> float:
-    data = dataset(paths, backend, sizes, pos_num, mixup)
+def with_loader(paths, backend, sizes, pos_num, mixup, workers, batches, batch_size, device,
+                negligible_mixup=MIXUP_NEGLIGIBLE) -> float:
+    data = dataset(paths, backend, sizes, pos_num, mixup, negligible_mixup)
     indices = list(range(batch_size * (batches + 1)))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, [i % len(paths) for i in indices]),
                                          batch_size=batch_size, num_workers=workers,
@@ -145,6 +152,8 @@ def main(argv=None):
     p.add_argument("--backends", default=",".join(VIEW_BACKENDS))
     p.add_argument("--steps", type=int, default=2, help="timed training steps (after one warm-up)")
     p.add_argument("--skip-step", action="store_true", help="do not time the network step")
+    p.add_argument("--negligible-mixup", type=float, default=MIXUP_NEGLIGIBLE,
+                   help="'tensor': mixup components lighter than this are not rendered (0: render all)")
     p.add_argument("--compare-samples", type=int, default=0, help="also compare the 'tensor' views of this many "
                                                                    "samples with the 'pil' ones (grey levels)")
     args = p.parse_args(argv)
@@ -161,26 +170,29 @@ def main(argv=None):
         paths = write_jpegs(folder, args.images)
         if args.compare_samples:
             mean, worst, over2, over5 = view_differences(paths, sizes, args.pos_num, args.mixup_alpha,
-                                                         args.compare_samples)
+                                                         args.compare_samples, args.negligible_mixup)
             print(f"  |tensor - pil| over {args.compare_samples} samples x {args.pos_num} views: mean {mean:.3f} "
                   f"levels, max {worst:.1f}, {100 * over2:.2f}% of pixels over 2 levels, {100 * over5:.3f}% over 5",
                   flush=True)
         backends = args.backends.split(",")
-        per_rep = {backend: [] for backend in backends}
+        per_rep, dropped = {backend: [] for backend in backends}, {}
         for rep in range(args.repeats):  # interleaved, so a change of load hits every backend alike
             for backend in backends:
-                per_rep[backend].append(per_worker(paths, backend, sizes, args.pos_num, args.mixup_alpha,
-                                                   args.samples, device))
+                rate, dropped[backend] = per_worker(paths, backend, sizes, args.pos_num, args.mixup_alpha, args.samples,
+                                           device, args.negligible_mixup)
+                per_rep[backend].append(rate)
             print(f"  per worker, repetition {rep + 1}: "
                   + ", ".join(f"{b} {per_rep[b][-1]:.1f}" for b in backends) + " views/s", flush=True)
         for backend in backends:
             rate = float(np.median(per_rep[backend]))
             rows.append((backend, "1 process, 1 thread", rate))
-            print(f"  {backend}: {rate:.1f} views/s per worker (median of {args.repeats})", flush=True)
+            note = (f"; {dropped[backend]} of {args.samples * args.pos_num} timed views drop a mixup component lighter "
+                    f"than {args.negligible_mixup:.4f}" if backend == "tensor" and args.mixup_alpha > 0 else "")
+            print(f"  {backend}: {rate:.1f} views/s per worker (median of {args.repeats}){note}", flush=True)
         for backend in backends:
             for w in (int(x) for x in args.workers.split(",")):
                 rate = with_loader(paths, backend, sizes, args.pos_num, args.mixup_alpha, w, args.batches,
-                                   args.batch_size, device)
+                                   args.batch_size, device, args.negligible_mixup)
                 rows.append((backend, f"DataLoader, {w} workers", rate))
                 print(f"  {backend}: {rate:.1f} views/s with {w} workers", flush=True)
     consumed = None

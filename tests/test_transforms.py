@@ -149,6 +149,28 @@ def test_fused_jitter_is_pillows_at_the_table_nodes():
         PairedViews([8], NORMS[:1], backend="tensor", lut_size=1)
 
 
+def test_fused_jitter_estimates_the_contrast_mean_within_one_level(tmp_path):
+    """When contrast is not first, its grey mean comes from the preceding operations' table on a 1/16
+    sample of the crop; Pillow takes it from all pixels after the exact operations."""
+    from lib.data.transforms import _grey_mean, _sampled_grey_mean
+
+    images = [Image.open(p).convert("RGB").resize((250, 190)) for p in _jpegs(tmp_path, 4)]
+    views, checked = PairedViews([16], NORMS[:1]), 0
+    for index in range(60):
+        gen = sample_generator(6, 0, index)
+        image = images[index % len(images)]
+        top, left, h, w = random_resized_crop_params(image.width, image.height, gen)
+        crop = image.crop((left, top, left + w, top + h))
+        factors, order = views._jitter_draws(gen)
+        before = order[:order.index(1)]
+        if before:
+            exact = _grey_mean(_jitter_ops(crop, factors, before))
+            estimate = _sampled_grey_mean(crop, _jitter_ops(_lut_nodes(18), factors, before), 18)
+            assert abs(estimate - exact) <= 1, (index, estimate, exact)
+            checked += 1
+    assert checked > 30
+
+
 def test_tensor_backend_draws_exactly_what_the_pil_backend_draws():
     """Both backends consume the per-sample generator identically, so a resumed run (which re-creates
     the generator from (seed, epoch, index)) sees the same crops, flips, jitter and mixup either way."""

@@ -22,7 +22,7 @@ except Exception:  # pragma: no cover
 
 
 # mixup weight below which a component moves no pixel of the mix by half a grey level (the 'tensor'
-# backend skips rendering it)
+# backend skips rendering it; 0 renders every component)
 MIXUP_NEGLIGIBLE = 1 / 510
 
 
@@ -54,11 +54,15 @@ class PairedViewDataset(_EpochDataset):
     than 1/510 is left out (weights 1 and 0, its slot zero), which moves no pixel by half a level.
     """
 
-    def __init__(self, paths, labels, views: PairedViews, pos_num: int = 8, mixup_alpha: float = 0.2, seed: int = 0):
+    def __init__(self, paths, labels, views: PairedViews, pos_num: int = 8, mixup_alpha: float = 0.2, seed: int = 0,
+                 negligible_mixup: float = MIXUP_NEGLIGIBLE):
         super().__init__(paths, labels, seed)
         if pos_num < 1:
             raise ValueError(f"pos_num must be >= 1, got {pos_num}")
+        if not 0 <= negligible_mixup < 0.5:
+            raise ValueError(f"negligible_mixup must be in [0, 0.5), got {negligible_mixup}")
         self.views, self.pos_num, self.mixup_alpha = views, int(pos_num), float(mixup_alpha)
+        self.negligible_mixup = float(negligible_mixup)
 
     def __getitem__(self, index: int):
         if getattr(self.views, "backend", "pil") == "tensor":
@@ -81,8 +85,8 @@ class PairedViewDataset(_EpochDataset):
     def _uint8_item(self, index: int):
         """The ``"tensor"`` backend: the same draws as ``__getitem__``, written into uint8 stacks.
 
-        A mixup component lighter than ``MIXUP_NEGLIGIBLE`` (1/510) moves no pixel of the mix by half a
-        grey level, so it is not rendered (nor, for a partner, decoded): its weight goes to the other
+        A mixup component lighter than ``negligible_mixup`` (default 1/510) moves no pixel of the mix by
+        half a grey level, so it is not rendered (nor, for a partner, decoded): its weight goes to the other
         component and its slot is zero. Its draws are still taken, so every later draw is unchanged."""
         gen = sample_generator(self.seed, self.epoch, index)
         image = load_image(self.paths[index])
@@ -98,7 +102,7 @@ class PairedViewDataset(_EpochDataset):
             partner = self.views.draw(*image_size(partner_path), gen)
             lam = _beta_sample(self.mixup_alpha, gen)
             weights[p] = torch.tensor([lam, 1 - lam], dtype=torch.float64).float()
-            if min(lam, 1 - lam) < MIXUP_NEGLIGIBLE:
+            if min(lam, 1 - lam) < self.negligible_mixup:
                 weights[p] = torch.tensor([1.0, 0.0] if lam > 0.5 else [0.0, 1.0])
             if weights[p, 0] > 0:
                 self._put_views(stacks, p, 0, image, own)

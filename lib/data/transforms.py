@@ -144,10 +144,16 @@ def fused_jitter(image: Image.Image, factors: Tuple[float, float, float, float],
     nodes = _jitter_ops(_lut_nodes(lut_size), factors, order[:contrast_at])
     if contrast_at == 0:
         mean = _grey_mean(image)
-    else:  # the operations before contrast, as a table, on a sample of the pixels
-        sample = image.resize((max(1, image.width // mean_stride), max(1, image.height // mean_stride)), Image.NEAREST)
-        mean = _grey_mean(sample.filter(_color_table(nodes, lut_size)))
+    else:
+        mean = _sampled_grey_mean(image, nodes, lut_size, mean_stride)
     return image.filter(_color_table(_jitter_ops(nodes, factors, order[contrast_at:], contrast_mean=mean), lut_size))
+
+
+def _sampled_grey_mean(image: Image.Image, nodes: Image.Image, lut_size: int, stride: int = 4) -> int:
+    """:func:`_grey_mean` of ``image`` mapped by the colour table ``nodes``, from every ``stride``-th
+    pixel of every ``stride``-th row (an estimate of the mean over all pixels)."""
+    sample = image.resize((max(1, image.width // stride), max(1, image.height // stride)), Image.NEAREST)
+    return _grey_mean(sample.filter(_color_table(nodes, lut_size)))
 
 
 def _color_table(nodes: Image.Image, size: int) -> ImageFilter.Color3DLUT:
