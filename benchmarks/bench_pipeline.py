@@ -8,8 +8,10 @@ with ``PairedViews`` at the student's and the teacher's size (the paper: 224 / 4
 views per image (8), mixup (Beta(0.2, 0.2)), for each view backend:
 
 - ``pil``: Pillow resize, float views normalised and mixed in the workers (bit-identical to earlier runs);
-- ``tensor``: torchvision's uint8 resize, uint8 views shipped, mixed and normalised on the device
-  (``mix_and_normalize``, timed as part of the consumer loop).
+- ``tensor``: the colour jitter as one colour-table pass, torchvision's uint8 resize, mixup components
+  lighter than ``--negligible-mixup`` not rendered, uint8 views shipped, mixed and normalised on the
+  device (``mix_and_normalize``, timed as part of the consumer loop); ``--compare-samples`` prints how
+  far its views are from ``pil``'s.
 
 Figures: "per worker" is one process rendering samples in a loop with one torch thread (views per
 second per CPU core; with ``--repeats`` R, R measurements alternating between the backends and their
