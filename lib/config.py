@@ -30,7 +30,9 @@ class Config:
     data_root: str = opt("data", "folder holding the datasets")
     val_ratio: float = opt(0.5, "share of the training classes held out for validation", low=0.0, high=1.0, high_open=True)
     directory: Optional[str] = opt(None, "run directory (default: runs/<dataset>-<mode>-<time>)")
-    val: bool = opt(True, "--no-val: no validation; train on train+val and keep the last epoch", flag="--no-val")
+    val: bool = opt(False, "--val: validate on the validation classes every --val-freq epochs, train on the training "
+                              "classes only and keep the best epoch; --no-val (the default, the paper's final run): train on "
+                              "train+val and keep the last epoch")
     val_freq: int = opt(1, "validate every N epochs", low=1)
     save_freq: int = opt(1, "write the 'last' checkpoint every N epochs", low=1)
     # networks
@@ -40,7 +42,7 @@ class Config:
     teacher_path: Optional[str] = opt(None, "teacher checkpoint (file, pretrained/ name or published name)", "-tpath")
     train_teacher: bool = opt(True, "without --teacher/--teacher-path in a ts mode, first train a teacher in 'sym' "
                                     "mode at --teacher-image-size from the student's architecture")
-    teacher_epochs: int = opt(6, "epochs of that teacher training", low=1)
+    teacher_epochs: int = opt(3, "epochs of that teacher training", low=1)
     teacher_neg_num: int = opt(0, "mined negatives per anchor in that teacher training (0: the other classes of the "
                                   "batch, 7 at the default batch)", low=0)
     teacher_batch_size: int = opt(32, "images per batch of that teacher training (classes x --samples-per-class, "
