@@ -209,7 +209,7 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
     miners = learned_miners(objectives, names)  # updated after each validation with the score's change
     if miners and not cfg.val:
         raise ValueError(f"objective {miners[0][0]!r}: its {type(miners[0][1]).__name__} learns from the change of "
-                         "the validation score; this run has no validation (--no-val)")
+                         "the validation score; this run has no validation (--no-val, the default): add --val")
 
     model: nn.Module = student
     if dist_info.enabled:

@@ -16,7 +16,7 @@ def test_flags_override_yaml_and_defaults(tmp_path):
                        "-d", "cub", "--objective", "ms:0.5"])
     assert cfg.lr == 2e-4 and cfg.lam_1 == 0.8 and cfg.val is False and cfg.pretrained is False
     assert cfg.training_dataset == "cub" and cfg.objective == ["ms:0.5"]
-    assert load_config([]).val is True and load_config(["--wd", "0.1"]).weight_decay == 0.1
+    assert load_config([]).val is False and load_config(["--val"]).val is True and load_config(["--wd", "0.1"]).weight_decay == 0.1
 
 
 def test_bad_config_names_the_problem(tmp_path):

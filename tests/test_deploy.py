@@ -279,7 +279,7 @@ def test_training_records_the_teacher_and_logs_retrieval_grids(tmp_path, tiny_da
                       "--image-size", "32", "--teacher-image-size", "48", "--epochs", "1", "--query-size", "8",
                       "--batch-size", "4", "--pos-num", "2", "--workers", "0", "--teacher-epochs", "1",
                       "--teacher-batch-size", "4", "--samples-per-class", "2", "--lr", "1e-3", "--teacher-lr", "1e-3",
-                      "--mode", "ts_reg"])
+                      "--mode", "ts_reg", "--val"])
     teacher = network_fingerprint(load_network(str(run / "teacher" / "model_best.pth")))
     for name in ("model_best.pth", "checkpoint_last.pth"):
         assert load_checkpoint(run / name)["teacher_fingerprint"] == teacher

@@ -320,7 +320,7 @@ def tiny_args(dataset: Path, run_dir: Path, *extra: str):
             "--directory", str(run_dir), "--student", "timm:resnet18", "--not-pretrained", "--whitening", "16",
             "--image-size", "32", "--teacher-image-size", "48", "--epochs", "1", "--query-size", "8",
             "--batch-size", "4", "--pos-num", "2", "--workers", "0", "--logger", "none", "--teacher-epochs", "1",
-            "--teacher-lr", "1e-3", "--mode", "ts_aug", *extra]
+            "--teacher-lr", "1e-3", "--mode", "ts_aug", "--val", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ def tiny_args(dataset: Path, run_dir: Path, *extra: str):
             "--directory", str(run_dir), "--student", "timm:resnet18", "--not-pretrained", "--whitening", "16",
             "--image-size", "32", "--teacher-image-size", "48", "--epochs", "2", "--query-size", "8",
             "--batch-size", "4", "--pos-num", "2", "--workers", "0", "--logger", "none", "--teacher-epochs", "1",
-            "--lr", "1e-3", "--teacher-lr", "1e-3", "--pool-size", "8", "--neg-num", "2", *extra]
+            "--lr", "1e-3", "--teacher-lr", "1e-3", "--pool-size", "8", "--neg-num", "2", "--val", *extra]
 
 
 @pytest.mark.parametrize("mode", ["ts_aug", "ts_reg", "sym"])
