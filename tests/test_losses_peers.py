@@ -499,3 +499,30 @@ def test_two_processes_compute_the_one_process_losses_gradients_and_memories(tmp
             torch.testing.assert_close(mine["grad"], one["grad"], rtol=1e-10, atol=1e-12)
         for mine, one in zip(got["memories"], single_memories):
             torch.testing.assert_close(mine, one, rtol=0, atol=0)
+
+
+def test_every_distiller_config_loads_and_its_tuning_space_is_its_weight(monkeypatch):
+    """experiments/distillers: each config is a valid main.py config, and ``run.py --tune`` searches the
+    paper's space for ts_aug and only the distiller's weight, within 10x of its configured one, elsewhere."""
+    import importlib.util
+
+    from lib.config import load_config
+    from lib.hpo.space import current_value, search_space
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("distillers_run", root / "experiments" / "distillers" / "run.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    names = runner.configs()
+    assert len(names) == 17 and names[0] == "ts_aug"
+    for name in names:
+        cfg = load_config(["--config", str(root / "experiments" / "distillers" / f"{name}.yaml"), "--optimize",
+                           *runner.search_flags(name)])
+        space = {p.name: p for p in search_space(cfg)}
+        if name == "ts_aug":
+            assert set(space) == {"lr", "lam_1", "lam_2"}
+            continue
+        (key, param), = space.items()
+        objective, weight = runner.distiller_objective(name)
+        assert key == f"objective.{objective}.weight" and current_value(cfg, key) == weight
+        assert param.low == pytest.approx(weight / 10) and param.high == pytest.approx(weight * 10) and param.log

@@ -4,6 +4,7 @@ spread over seeds).
 
     python experiments/distillers/run.py                         # every config, seed 1234
     python experiments/distillers/run.py --top 5 --seeds 1234,1,2  # then more seeds for the five best
+    python experiments/distillers/run.py --tune ts_aug,ts_aug+csd  # optuna on the validation classes, then test
     python experiments/distillers/run.py --table-only             # print the table of what has run
 
 Each run goes to ``runs/distillers/<config>-s<seed>/`` and is skipped when its ``results.json`` exists,
@@ -12,6 +13,13 @@ after ``--budget-minutes``. The student's starting point (``--student-init auto`
 with the whitening regressed onto the teacher's embeddings) is the same for every run; it is computed
 once into ``runs/distillers/student-init.pth`` and the configs start from it (``student_path``), which
 saves recomputing it in every run. Its own test is the table's "start (no training)" row.
+
+``--tune`` runs ``main.py --optimize`` for the named configs (``runs/distillers/<config>-tuned-s<seed>/``):
+``--trials`` trials on the validation classes (the second half of the training characters, trained on
+the first half), then the final run with the best values on train+val, tested once. ``ts_aug`` searches
+the paper's space (lr, lam-1, lam-2); a config with a distiller searches that distiller's weight over
+[0.1, 10] times its configured weight (log scale) and nothing else, so that the tuning concerns the
+distiller. Rows "<config> (tuned)" join the table.
 """
 from __future__ import annotations
 
@@ -106,6 +114,43 @@ def test_start() -> Path:
     return out
 
 
+def distiller_objective(name: str):
+    """(objective name, configured weight) of the distiller a config adds, or None (``ts_aug``)."""
+    sys.path.insert(0, str(ROOT))
+    from lib.config import read_yaml
+    from lib.losses.base import parse_objective_spec
+
+    specs = [parse_objective_spec(s) for s in read_yaml(HERE / f"{name}.yaml").get("objective", [])]
+    peers = [spec for spec in specs if spec.name not in ("absolute", "relative_st", "relative_ss")]
+    return (peers[-1].name, peers[-1].weight) if peers else None
+
+
+def search_flags(name: str) -> list:
+    """``main.py`` flags of the search space of ``--tune`` (see the module's docstring)."""
+    peer = distiller_objective(name)
+    if peer is None:
+        return []  # the paper's space: lr, lam_1, lam_2
+    objective, weight = peer
+    return ["--search", "lr=off", "--search", "lam_1=off", "--search", "lam_2=off",
+            "--search", f"objective.{objective}.weight={weight / 10:g}:{weight * 10:g}:log"]
+
+
+def tune_one(name: str, seed: int, trials: int) -> Path:
+    out = RUNS / f"{name}-tuned-s{seed}"
+    if (out / "results.json").is_file():
+        return out
+    resume = ["--resume"] if (out / "study.db").exists() else []  # a killed search continues
+    command = [*nice(), sys.executable, "main.py", "--config", str(HERE / f"{name}.yaml"), "--optimize",
+               "--trials", str(trials), *search_flags(name), *resume,
+               "--directory", str(out.relative_to(ROOT)), "--seed", str(seed)]
+    started = time.time()
+    print(f">> {name} seed {seed}, tuned: {' '.join(command[command.index('main.py'):])}", flush=True)
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    (out / "wall_s.txt").write_text(f"{time.time() - started:.0f}\n")
+    print(f"   done in {time.time() - started:.0f} s", flush=True)
+    return out
+
+
 def read_run(path: Path):
     table = json.loads((path / "results.json").read_text())["test"]["cjk-glyphs-mini-test"]
     asym = table[STUDENT_ROW]
@@ -113,12 +158,14 @@ def read_run(path: Path):
             "sym mAP": table["student sym (96px)"]["mAP"], "teacher": table[TEACHER_ROW]["mAP"]}
 
 
-def collect(seeds_of):
+def collect(seeds_of, tuned: bool = True):
     rows = {}
     for name in configs():
-        found = [read_run(RUNS / f"{name}-s{s}") for s in seeds_of(name) if (RUNS / f"{name}-s{s}" / "results.json").is_file()]
-        if found:
-            rows[name] = found
+        for suffix, label in (("", name), ("-tuned", f"{name} (tuned)")) if tuned else (("", name),):
+            found = [read_run(RUNS / f"{name}{suffix}-s{s}") for s in seeds_of(name)
+                     if (RUNS / f"{name}{suffix}-s{s}" / "results.json").is_file()]
+            if found:
+                rows[label] = found
     return rows
 
 
@@ -168,12 +215,17 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default="", help="comma-separated config names (default: all)")
     parser.add_argument("--budget-minutes", type=float, default=50.0, help="start no run after this much wall-clock time")
     parser.add_argument("--table-only", action="store_true", help="print the table of the finished runs")
+    parser.add_argument("--tune", default="", help="comma-separated configs to tune with --optimize (first seed), "
+                        "after the other runs")
+    parser.add_argument("--trials", type=int, default=6, help="optuna trials of --tune")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     names = [n for n in configs() if not args.only or n in args.only.split(",")]
-    unknown = set(filter(None, args.only.split(","))) - set(configs())
-    if unknown:
-        raise SystemExit(f"--only: no config {sorted(unknown)} in {HERE}; choose from {configs()}")
+    tune = [n for n in args.tune.split(",") if n.strip()]
+    for option, given in (("--only", args.only.split(",")), ("--tune", tune)):
+        unknown = set(filter(None, given)) - set(configs())
+        if unknown:
+            raise SystemExit(f"{option}: no config {sorted(unknown)} in {HERE}; choose from {configs()}")
 
     if not args.table_only:
         if not TEACHER.is_file():
@@ -192,7 +244,7 @@ def main(argv=None) -> None:
                 break
             run_one(name, seed)
         if args.top and len(seeds) > 1 and not skipped:
-            first = collect(lambda n: seeds[:1])
+            first = collect(lambda n: seeds[:1], tuned=False)
             best = sorted(first, key=lambda n: -first[n][0]["mAP"])[: args.top]
             plan = [(n, s) for s in seeds[1:] for n in best]
             for i, (name, seed) in enumerate(plan):
@@ -200,6 +252,11 @@ def main(argv=None) -> None:
                     skipped = plan[i:]
                     break
                 run_one(name, seed)
+        for i, name in enumerate(tune):
+            if skipped or (time.time() - started) / 60 > args.budget_minutes:
+                skipped += [(f"{n} (tuned)", seeds[0]) for n in tune[i:]]
+                break
+            tune_one(name, seeds[0], args.trials)
         if skipped:
             print(f">> budget of {args.budget_minutes:g} min spent; not run: "
                   + ", ".join(f"{n} (seed {s})" for n, s in skipped))
