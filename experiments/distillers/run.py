@@ -245,7 +245,7 @@ def main(argv=None) -> None:
             run_one(name, seed)
         if args.top and len(seeds) > 1 and not skipped:
             first = collect(lambda n: seeds[:1], tuned=False)
-            best = sorted(first, key=lambda n: -first[n][0]["mAP"])[: args.top]
+            best = sorted((n for n in first if n in names), key=lambda n: -first[n][0]["mAP"])[: args.top]
             plan = [(n, s) for s in seeds[1:] for n in best]
             for i, (name, seed) in enumerate(plan):
                 if (time.time() - started) / 60 > args.budget_minutes:
