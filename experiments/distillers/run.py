@@ -94,10 +94,15 @@ def run_one(name: str, seed: int) -> Path:
         import shutil
 
         shutil.rmtree(out)
+    return launch(name, f"{name} seed {seed}", out, ["--seed", str(seed)])
+
+
+def launch(name: str, label: str, out: Path, flags: list) -> Path:
+    """``main.py --config <name>.yaml --directory <out> <flags>`` under ``nice``, its wall clock in ``wall_s.txt``."""
     command = [*nice(), sys.executable, "main.py", "--config", str(HERE / f"{name}.yaml"),
-               "--directory", str(out.relative_to(ROOT)), "--seed", str(seed)]
+               "--directory", str(out.relative_to(ROOT)), *flags]
     started = time.time()
-    print(f">> {name} seed {seed}: {' '.join(command[command.index('main.py'):])}", flush=True)
+    print(f">> {label}: {' '.join(command[command.index('main.py'):])}", flush=True)
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     (out / "wall_s.txt").write_text(f"{time.time() - started:.0f}\n")
     print(f"   done in {time.time() - started:.0f} s", flush=True)
@@ -140,15 +145,8 @@ def tune_one(name: str, seed: int, trials: int) -> Path:
     if (out / "results.json").is_file():
         return out
     resume = ["--resume"] if (out / "study.db").exists() else []  # a killed search continues
-    command = [*nice(), sys.executable, "main.py", "--config", str(HERE / f"{name}.yaml"), "--optimize",
-               "--trials", str(trials), *search_flags(name), *resume,
-               "--directory", str(out.relative_to(ROOT)), "--seed", str(seed)]
-    started = time.time()
-    print(f">> {name} seed {seed}, tuned: {' '.join(command[command.index('main.py'):])}", flush=True)
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    (out / "wall_s.txt").write_text(f"{time.time() - started:.0f}\n")
-    print(f"   done in {time.time() - started:.0f} s", flush=True)
-    return out
+    return launch(name, f"{name} seed {seed}, tuned", out,
+                  ["--optimize", "--trials", str(trials), *search_flags(name), *resume, "--seed", str(seed)])
 
 
 def read_run(path: Path):
