@@ -34,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # the toolkit's lib/ and main.py
 RUNS = ROOT / "runs" / "distillers"
 TEACHER = RUNS / "teacher.pth"
 INIT = RUNS / "student-init.pth"
@@ -59,7 +60,6 @@ def configs():
 
 def make_student_init() -> None:
     """The student of ``--student-init auto`` on the training data of the configs (train+val)."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from lib.cache import EmbeddingCache
@@ -121,7 +121,6 @@ def test_start() -> Path:
 
 def distiller_objective(name: str):
     """(objective name, configured weight) of the distiller a config adds, or None (``ts_aug``)."""
-    sys.path.insert(0, str(ROOT))
     from lib.config import read_yaml
     from lib.losses.base import parse_objective_spec
 

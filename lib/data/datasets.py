@@ -4,6 +4,7 @@ Datasets here only load (STYLE.md, principle 5): no network, no sampler, no glob
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -64,11 +65,17 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     ``LOAD_TRUNCATED_IMAGES = True``).
     """
     path = os.fspath(path)
+    with _load_errors(path), open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+        return to_rgb(image)
+
+
+@contextlib.contextmanager
+def _load_errors(path: str):
+    """Turn what opening or decoding the image at ``path`` raises into an :class:`ImageLoadError` naming it."""
     try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            image.load()
-            return to_rgb(image)
+        yield
     except FileNotFoundError:
         raise ImageLoadError(f"image {path!r} not found") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -79,13 +86,8 @@ def image_size(path: str | os.PathLike) -> Tuple[int, int]:
     """(width, height) of the image at ``path``, read from its header without decoding it (the size
     :func:`load_image` returns). Raises :class:`ImageLoadError` like it for a missing or unreadable file."""
     path = os.fspath(path)
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except FileNotFoundError:
-        raise ImageLoadError(f"image {path!r} not found") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"cannot load image {path!r}: {type(e).__name__}: {e}") from e
+    with _load_errors(path), Image.open(path) as image:
+        return image.size
 
 
 class ImageList(torch.utils.data.Dataset):

@@ -101,15 +101,13 @@ class PairedViewDataset(_EpochDataset):
             partner_path = self.paths[int(torch.randint(len(self.paths), (1,), generator=gen))]
             partner = self.views.draw(*image_size(partner_path), gen)
             lam = _beta_sample(self.mixup_alpha, gen)
-            weights[p] = torch.tensor([lam, 1 - lam], dtype=torch.float64).float()
             if min(lam, 1 - lam) < self.negligible_mixup:
-                weights[p] = torch.tensor([1.0, 0.0] if lam > 0.5 else [0.0, 1.0])
-            if weights[p, 0] > 0:
-                self._put_views(stacks, p, 0, image, own)
-            if weights[p, 1] > 0:
-                self._put_views(stacks, p, 1, load_image(partner_path), partner)
-            for slot in range(2):
-                if weights[p, slot] == 0:
+                lam = 1.0 if lam > 0.5 else 0.0
+            weights[p] = torch.tensor([lam, 1 - lam], dtype=torch.float64).float()
+            for slot, weight, draws in ((0, lam, own), (1, 1 - lam, partner)):
+                if weight > 0:
+                    self._put_views(stacks, p, slot, image if slot == 0 else load_image(partner_path), draws)
+                else:
                     for stack in stacks:
                         stack[p, slot].zero_()
         return (*stacks, weights, int(self.labels[index]), index)
