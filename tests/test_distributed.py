@@ -40,6 +40,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def leave(barrier: bool = True) -> None:
+    """End a spawned worker: wait for the other ranks, leave the process group, exit without finalizing.
+
+    The results are on disk by now. ``os._exit`` skips interpreter finalization, where gloo's worker
+    threads can still release tensors and abort the process (SIGABRT, "terminate called without an
+    active exception"; pytorch/pytorch#179291), which CI once saw after every result was written.
+    """
+    if barrier and dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still talks to it
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _init(rank: int, world: int, port: int) -> DistInfo:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -89,8 +105,8 @@ def _gather_worker(rank: int, world: int, port: int, out: str):
     if rank == 0:
         torch.save({"grad": grad, "loss": float(loss), "mean_loss": mean_loss, "groups": batch.groups,
                     "labels": batch.labels, "student": batch.student.detach()}, out)
-    dist.barrier()  # no rank leaves while another still talks to it
-    dist.destroy_process_group()
+    del batch, loss
+    leave()
 
 
 def test_gathered_loss_gradient_equals_the_single_process_gradient(tmp_path):
@@ -138,6 +154,7 @@ def _main_worker(rank: int, world: int, port: int, argv):
     import main as main_module
 
     main_module.main(argv)  # leaves the process group itself
+    leave(barrier=False)
 
 
 @pytest.fixture(scope="module")
