@@ -356,3 +356,39 @@ def test_counts_at_or_above_against_brute_force(monkeypatch, share, limit):
     for r, p in enumerate(positives):
         for k, score in enumerate(sorted(p)):
             assert int(got[r, k]) == int((sims[r] >= score).sum()), (r, k)
+
+
+@pytest.mark.parametrize("tile", [1, 7, 64])
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_database_column_blocks_match_oracle(monkeypatch, tile, exclude_self):
+    """The similarities computed in blocks of database columns (``CPU_TILE_COLUMNS``), a class's own
+    items falling in one block or across several: the oracle's numbers, ties included, for query sets
+    with and without classes the database lacks."""
+    from lib.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "CPU_TILE_COLUMNS", tile)
+    g = torch.Generator().manual_seed(tile)
+    x = integer_embeddings(70, 4, 2, g)
+    labels = random_labels(70, 6, g)
+    ours = retrieval_metrics(x, x, labels, labels, exclude_self=exclude_self, ks=KS)
+    assert_same(ours, oracle_metrics(x, x, labels, labels, exclude_self), tol=1e-12)
+    query, query_labels = integer_embeddings(25, 4, 2, g), random_labels(25, 9, g)  # classes 6..8: no positives
+    ours = retrieval_metrics(query, x, query_labels, labels, ks=KS)
+    assert_same(ours, oracle_metrics(query, x, query_labels, labels, False), tol=1e-12)
+
+
+def test_chunk_size_does_not_change_float_ranks_across_column_blocks(monkeypatch):
+    """Real-valued embeddings, several query blocks and several database column blocks."""
+    from lib.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "CPU_TILE_COLUMNS", 50)
+    g = torch.Generator().manual_seed(9)
+    n = 2 * GEMM_ROWS + 11
+    x = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1)
+    labels = random_labels(n, 40, g)
+    ranks = {c: [r[v] for chunk in positive_ranks(x, x, labels, labels, exclude_self=True, chunk_size=c)
+                 for r, v in zip(*chunk)] for c in (1, GEMM_ROWS + 1, None)}
+    for c in ranks:
+        assert len(ranks[c]) == n and all(torch.equal(a, b) for a, b in zip(ranks[c], ranks[None])), c
+    assert_same(retrieval_metrics(x, x, labels, labels, exclude_self=True, ks=KS),
+                oracle_metrics(x, x, labels, labels, True), tol=1e-6)

@@ -13,25 +13,32 @@ sorted ``p_0 >= p_1 >= ...``, the j-th positive's rank is ``j + #{negatives scor
 (pessimistic), so degenerate embeddings (all equal) cannot score well; the order among tied
 positives does not change any metric.
 
-**Chunk independence.** The similarities are computed by GEMMs over aligned blocks of
-``GEMM_ROWS`` query rows, whatever ``chunk_size`` is (a BLAS gives slightly different floats for a
-1-row product than for a 256-row one, which could flip near-ties); ``chunk_size`` is rounded up to a
-multiple of ``GEMM_ROWS``. The counting is exact integer work, so the ranks, hence the metrics, do
-not depend on ``chunk_size``.
+**Chunk independence.** Every similarity is computed once, and by the same product whatever
+``chunk_size`` is (a BLAS rounds a 1-row product differently from a 256-row one, which could flip
+near-ties): a query's similarities to the items of its own class by one GEMM per class, those to
+every other item by the GEMM of an aligned block of ``GEMM_ROWS`` query rows against a fixed block
+of database columns (``tile_columns``); ``chunk_size`` (rounded up to a multiple of ``GEMM_ROWS``)
+only sets how many queries are yielded at once. The counting is exact integer work, so the ranks,
+hence the metrics, do not depend on ``chunk_size``.
 
 Algorithm (no query x database matrix, no sort of the database, no Python loop per query): the
-database is put in label order once, so a query's positives are one contiguous slice. Per chunk of
-queries: the similarities (c, Nd); the positives' scores gathered and sorted (c, P), P = the largest
-class; each item's bucket (= how many positive scores are <= it) by a batched ``searchsorted``
-against its row's sorted positive scores; a per-row histogram of the buckets, summed from the top,
-counts the items at or above each positive score; subtracting the positives there leaves the
-negatives. Items below a row's lowest positive score have bucket 0 and count for nothing: when a
-sample of the chunk says they are most of it (any embedding worth evaluating), only the others are
-located (``torch.where``) and bucketed, each against its row's positives, or, when that copy
-would be large (large classes), by one search over all rows' positives keyed (row, score). Cost: the GEMM, one comparison pass over the similarities,
-and O(M log P) for the M items above the lowest positives (O(Nd log P) per query otherwise); memory
-about 5 bytes per similarity of a chunk (20 on the dense path). Runs on the device of the inputs, in
-float32.
+database is put in label order once, so a query's class is one contiguous slice of it. First, the
+positives' scores: for each class, its queries against its slice, one small GEMM (a Python loop
+over classes). Then per block of ``GEMM_ROWS`` queries, the positive scores sorted (c, P), P = the
+largest class, and per block of database columns: the similarities (c, tile), the query's own class
+set to -inf there (those items are positives or junk, never negatives), and each remaining item's
+bucket (= how many positive scores are <= it) by a batched ``searchsorted`` against its row's
+sorted positive scores; a per-row histogram of the buckets, summed from the top and over the
+column blocks, counts the negatives at or above each positive score. Items below a row's lowest
+positive score have bucket 0 and count for nothing: when a sample of the block says they are most
+of it (any embedding worth evaluating), only the others are located (``nonzero``) and bucketed,
+each against its row's positives, or, when that copy would be large (large classes), by one search
+over all rows' positives keyed (row, score). On the CPU a column block (256 x 4096 floats, 4 MB) is
+counted while the GEMM has just left it in the cache; a (256, Nd) block at SOP size (62 MB) made
+the bare GEMM 1.5x slower and cost another pass through memory. Cost: the GEMM, one comparison pass
+over each block, and O(M log P) for the M items above the lowest positives (O(Nd log P) per query
+otherwise); memory: the (Nq, P) positive scores and a few bytes per similarity of one block. Runs on
+the device of the inputs (one column block on an accelerator), in float32.
 """
 from __future__ import annotations
 
@@ -47,14 +54,16 @@ SPARSE_SHARE = 0.125  # bucket only the items at or above the lowest positive wh
 # keyed search, which costs the same with SOP-like classes (P = 12) and 1.4-2.4x less than a larger copy
 # with CUB-like ones (P = 60; per-chunk timings at N = 5,924, one thread)
 ROW_SEARCH_LIMIT = 2**20
+# database columns per similarity block on the CPU (256 x 4096 float32: 4 MB, counted while in the cache)
+CPU_TILE_COLUMNS = 4096
+CHUNK_ROWS = 4 * GEMM_ROWS  # queries whose ranks are yielded at once by default
 
 
-def default_chunk_size(num_db: int, budget_bytes: int = 256 * 2**20) -> int:
-    """Query rows per pass: one GEMM block (256 x Nd similarities, 62 MB at Nd = 60502) unless the
-    database is small (< 4096), then up to ``budget_bytes`` of working memory at about 20 bytes per
-    similarity (the float32 scores, the int64 buckets)."""
-    blocks = budget_bytes // (20 * max(num_db, 1) * GEMM_ROWS)
-    return GEMM_ROWS * max(1, min(16, blocks)) if num_db < 4096 else GEMM_ROWS  # one GEMM per pass: no copy
+def tile_columns(num_db: int, device: torch.device) -> int:
+    """Database columns per similarity block: on the CPU ``CPU_TILE_COLUMNS``, so that the block is
+    counted while the GEMM has just left it in the cache (a (256, Nd) block at SOP size is 62 MB and
+    costs another pass through memory); on an accelerator the whole database, one large GEMM."""
+    return CPU_TILE_COLUMNS if device.type == "cpu" else max(num_db, 1)
 
 
 def _check(query: Tensor, db: Tensor, query_labels: Tensor, db_labels: Tensor, exclude_self: bool) -> None:
@@ -88,7 +97,7 @@ def _at_or_above(sims: Tensor, ascending: Tensor) -> Tensor:
     are most of the row (any useful embedding), only the others are bucketed (sparse path)."""
     c, width = ascending.shape
     lowest = ascending[:, :1]
-    stride = max(1, sims.shape[1] // 1024)  # a cheap estimate of the share of items to bucket
+    stride = max(1, sims.shape[1] // 256)  # a cheap estimate of the share of items to bucket
     sparse = bool((sims[:, ::stride] >= lowest).float().mean() < SPARSE_SHARE)
     hist = torch.zeros(c * (width + 1), dtype=torch.long, device=sims.device)
     if sparse:
@@ -106,6 +115,47 @@ def _at_or_above(sims: Tensor, ascending: Tensor) -> Tensor:
         buckets += torch.arange(c, device=sims.device).unsqueeze(1) * (width + 1)
         hist.index_add_(0, buckets.view(-1), torch.ones(1, dtype=torch.long, device=sims.device).expand(buckets.numel()))
     return hist.view(c, width + 1).flip(1).cumsum(1).flip(1)[:, 1:]
+
+
+def _positive_scores(query: Tensor, query_code: Tensor, db_sorted: Tensor, starts: Tensor, counts: Tensor,
+                     width: int) -> Tensor:
+    """(Nq, P): each query's similarity to the items of its class (the label-sorted database's slice
+    ``starts[code] + k``, k < ``counts[code]``; padding 0), one GEMM per class that has queries: the
+    same values whatever ``chunk_size`` is. A Python loop over classes (tenths of a second for SOP's
+    11,316 test classes), which costs less than gathering each query's class rows per chunk."""
+    order = torch.argsort(query_code, stable=True)
+    query_sorted = query[order]
+    classes, per_class = torch.unique_consecutive(query_code[order], return_counts=True)
+    sorted_scores = query.new_zeros(len(query), width)
+    first = 0
+    for n, begin, size in zip(per_class.tolist(), starts[classes].tolist(), counts[classes].tolist()):
+        sorted_scores[first:first + n, :size] = query_sorted[first:first + n] @ db_sorted[begin:begin + size].T
+        first += n
+    scores = torch.empty_like(sorted_scores)
+    scores[order] = sorted_scores
+    return scores
+
+
+def _block_ranks(query: Tensor, scores: Tensor, db_sorted: Tensor, columns: Tensor, members: Tensor, valid: Tensor,
+                 tile: int) -> Tuple[Tensor, Tensor]:
+    """(c, P) ranks of the positives of at most ``GEMM_ROWS`` queries, best first (padding: junk).
+
+    ``columns`` (c, P): each query's class slice of the label-sorted database (clamped), ``members``
+    the real entries of it, ``valid`` those that are positives (``members`` less the query itself
+    when it is junk), ``scores`` their similarities (:func:`_positive_scores`). Every other database
+    item is a negative, scored once by the (c, tile) GEMM of its block of columns and counted there
+    at or above each positive score."""
+    ascending = scores.masked_fill(~valid, float("inf")).sort(dim=1).values  # padding (+inf) last
+    num_real = torch.isfinite(ascending).sum(1, keepdim=True)
+    negatives_above = torch.zeros_like(columns)
+    for t in range(0, len(db_sorted), tile):
+        sims = query @ db_sorted[t:t + tile].T
+        inside = members & (columns >= t) & (columns < t + tile)  # the class's own items in this block:
+        sims[inside.nonzero()[:, 0], columns[inside] - t] = float("-inf")  # not negatives, never counted
+        negatives_above += _at_or_above(sims, ascending)
+    j = torch.arange(columns.shape[1], device=columns.device).unsqueeze(0)
+    # the j-th best positive sits at ascending index num_real - 1 - j
+    return j + negatives_above.gather(1, (num_real - 1 - j).clamp(min=0)), j < num_real
 
 
 def positive_ranks(query: Tensor, db: Tensor, query_labels: Tensor, db_labels: Tensor, *, exclude_self: bool = False,
@@ -131,33 +181,20 @@ def positive_ranks(query: Tensor, db: Tensor, query_labels: Tensor, db_labels: T
     offsets = torch.arange(width, device=device)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    chunk = -(-(chunk_size or default_chunk_size(len(db))) // GEMM_ROWS) * GEMM_ROWS
+    chunk = -(-(chunk_size or CHUNK_ROWS) // GEMM_ROWS) * GEMM_ROWS
+    tile = tile_columns(len(db), device)
+    scores = _positive_scores(query, query_code, db_sorted, starts, counts, width)
     for begin in range(0, len(query), chunk):
-        end = min(begin + chunk, len(query))
-        if end - begin <= GEMM_ROWS:
-            sims = query[begin:end] @ db_sorted.T  # (c, Nd)
-        else:  # the same aligned GEMM_ROWS blocks as any other chunk_size (not out=: slow on CPU)
-            sims = torch.empty(end - begin, len(db), dtype=torch.float32, device=device)
-            for s in range(begin, end, GEMM_ROWS):
-                sims[s - begin:s - begin + GEMM_ROWS] = query[s:min(s + GEMM_ROWS, end)] @ db_sorted.T
-        rows = torch.arange(end - begin, device=device)
-        code = query_code[begin:end]
-        columns = starts[code].unsqueeze(1) + offsets  # (c, P) the query's positive slice
-        valid = offsets.unsqueeze(0) < counts[code].unsqueeze(1)
-        if exclude_self:
-            self_column = position_in_sorted[begin:end]
-            sims[rows, self_column] = float("-inf")  # junk: below every finite score, never counted
-            valid &= columns != self_column.unsqueeze(1)
-        columns = columns.clamp(max=max(len(db) - 1, 0))
-        scores = sims.gather(1, columns).masked_fill(~valid, float("inf"))
-        ascending = scores.sort(dim=1).values  # padding (+inf) last
-        num_real = torch.isfinite(ascending).sum(1, keepdim=True)
-        # negatives at or above each positive score = all items there - positives there (ties included)
-        positives_there = num_real - torch.searchsorted(ascending, ascending)  # real ones >= each
-        negatives_above = _at_or_above(sims, ascending) - positives_there
-        j = offsets.unsqueeze(0)  # the j-th best positive sits at ascending index num_real - 1 - j
-        ranks = j + negatives_above.gather(1, (num_real - 1 - j).clamp(min=0))
-        yield ranks, j < num_real
+        parts = []
+        for s in range(begin, min(begin + chunk, len(query)), GEMM_ROWS):  # blocks aligned to the query index
+            e = min(s + GEMM_ROWS, len(query))
+            code = query_code[s:e]
+            columns = starts[code].unsqueeze(1) + offsets  # (c, P) the query's class slice
+            members = offsets.unsqueeze(0) < counts[code].unsqueeze(1)
+            valid = members & (columns != position_in_sorted[s:e].unsqueeze(1)) if exclude_self else members
+            parts.append(_block_ranks(query[s:e], scores[s:e], db_sorted, columns.clamp(max=max(len(db) - 1, 0)),
+                                      members, valid, tile))
+        yield torch.cat([r for r, _ in parts]), torch.cat([v for _, v in parts])
 
 
 def retrieval_metrics(query: Tensor, db: Tensor, query_labels: Tensor, db_labels: Tensor, *,
@@ -178,7 +215,8 @@ def retrieval_metrics(query: Tensor, db: Tensor, query_labels: Tensor, db_labels
     - ``num_queries`` (averaged), ``num_queries_without_positives`` (skipped).
 
     ``exclude_self``: query i is database item i (same image, possibly another network or
-    resolution); that item is junk for query i. Memory O(chunk_size x Nd); see the module docstring.
+    resolution); that item is junk for query i. Memory: O(Nq x P) for the positives' scores and one
+    block of similarities; see the module docstring.
     """
     names = ["mAP", "mAP_noninterp", "MAP@R"] + [f"{m}@{k}" for k in ks for m in ("R", "mP", "mAP")]
     if any(int(k) != k or k < 1 for k in ks):
@@ -216,4 +254,4 @@ def retrieval_metrics(query: Tensor, db: Tensor, query_labels: Tensor, db_labels
     return out
 
 
-__all__ = ["retrieval_metrics", "positive_ranks", "default_chunk_size", "GEMM_ROWS"]
+__all__ = ["retrieval_metrics", "positive_ranks", "tile_columns", "GEMM_ROWS", "CHUNK_ROWS"]
