@@ -34,8 +34,9 @@ positive score have bucket 0 and count for nothing: when a sample of the block s
 of it (any embedding worth evaluating), only the others are located (``nonzero``) and bucketed,
 each against its row's positives, or, when that copy would be large (large classes), by one search
 over all rows' positives keyed (row, score). On the CPU a column block (256 x 4096 floats, 4 MB) is
-counted while the GEMM has just left it in the cache; a (256, Nd) block at SOP size (62 MB) made
-the bare GEMM 1.5x slower and cost another pass through memory. Cost: the GEMM, one comparison pass
+counted while the GEMM has just left it in the cache; with (256, Nd) blocks (62 MB at SOP size) the
+bare GEMM alone took 1.4-1.7x as long at N = 60,502 (1.1x at N <= 20,000; 2 threads,
+benchmarks/bench_eval.py) and the counting another pass through memory. Cost: the GEMM, one comparison pass
 over each block, and O(M log P) for the M items above the lowest positives (O(Nd log P) per query
 otherwise); memory: the (Nq, P) positive scores and a few bytes per similarity of one block. Runs on
 the device of the inputs (one column block on an accelerator), in float32.
