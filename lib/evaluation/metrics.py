@@ -28,16 +28,16 @@ over classes). Then per block of ``GEMM_ROWS`` queries, the positive scores sort
 largest class, and per block of database columns: the similarities (c, tile), the query's own class
 set to -inf there (those items are positives or junk, never negatives), and each remaining item's
 bucket (= how many positive scores are <= it) by a batched ``searchsorted`` against its row's
-sorted positive scores; a per-row histogram of the buckets, summed from the top and over the
-column blocks, counts the negatives at or above each positive score. Items below a row's lowest
+sorted positive scores; a per-row histogram of the buckets, accumulated over the column blocks and
+summed from the top, counts the negatives at or above each positive score. Items below a row's lowest
 positive score have bucket 0 and count for nothing: when a sample of the block says they are most
 of it (any embedding worth evaluating), only the others are located (``nonzero``) and bucketed,
 each against its row's positives, or, when that copy would be large (large classes), by one search
 over all rows' positives keyed (row, score). On the CPU a column block (256 x 4096 floats, 4 MB) is
 counted while the GEMM has just left it in the cache; with (256, Nd) blocks (62 MB at SOP size) the
 bare GEMM alone took 1.4-1.7x as long at N = 60,502 (1.1x at N <= 20,000; 2 threads,
-benchmarks/bench_eval.py) and the counting another pass through memory. Cost: the GEMM, one comparison pass
-over each block, and O(M log P) for the M items above the lowest positives (O(Nd log P) per query
+benchmarks/bench_eval.py) and the counting another pass through memory. Cost: the GEMM, one
+comparison pass over each block, and O(M log P) for the M items above the lowest positives (O(Nd log P) per query
 otherwise); memory: the (Nq, P) positive scores and a few bytes per similarity of one block. Runs on
 the device of the inputs (one column block on an accelerator), in float32.
 """
@@ -89,25 +89,27 @@ def _row_score_keys(rows: Tensor, scores: Tensor) -> Tensor:
     return rows.long() * 2**32 + bits
 
 
-def _at_or_above(sims: Tensor, ascending: Tensor) -> Tensor:
-    """(c, P): #items with score >= ``ascending[:, k]`` (each row's positive scores ascending, +inf padding).
+def _positive_keys(ascending: Tensor) -> Tensor:
+    """Every row's positive scores keyed (row, score), one ascending 1-D sequence (for ``_add_buckets``)."""
+    c, width = ascending.shape
+    return _row_score_keys(torch.arange(c, device=ascending.device).repeat_interleave(width), ascending.reshape(-1))
 
-    An item's bucket is the number of positive scores <= it; a histogram of the buckets summed from
-    the top gives the counts (ties: an item equal to a positive score counts as at or above it).
+
+def _add_buckets(sims: Tensor, ascending: Tensor, hist: Tensor, keys: Optional[Tensor] = None) -> None:
+    """Add each item's bucket (the number of its row's positive scores <= it) to ``hist``, (c * (P + 1),)
+    per-row histograms; ``keys``: ``_positive_keys(ascending)``, when the caller has it.
+
     Items below a row's lowest positive score fall in bucket 0 and count for nothing, so when they
     are most of the row (any useful embedding), only the others are bucketed (sparse path)."""
     c, width = ascending.shape
     lowest = ascending[:, :1]
     stride = max(1, sims.shape[1] // 256)  # a cheap estimate of the share of items to bucket
-    sparse = bool((sims[:, ::stride] >= lowest).float().mean() < SPARSE_SHARE)
-    hist = torch.zeros(c * (width + 1), dtype=torch.long, device=sims.device)
-    if sparse:
+    if bool((sims[:, ::stride] >= lowest).float().mean() < SPARSE_SHARE):
         rows, cols = torch.where(sims >= lowest)
         if len(rows) * width <= ROW_SEARCH_LIMIT:  # each item searches its row's positives (a (items x P) copy)
             buckets = torch.searchsorted(ascending[rows], sims[rows, cols].unsqueeze(1), right=True).squeeze(1)
         else:  # large classes: one 1-D search over all rows' positives keyed (row, score), no copy
-            row_of_positive = torch.arange(c, device=sims.device).repeat_interleave(width)
-            found = torch.searchsorted(_row_score_keys(row_of_positive, ascending.reshape(-1)),
+            found = torch.searchsorted(_positive_keys(ascending) if keys is None else keys,
                                        _row_score_keys(rows, sims[rows, cols]), right=True)
             buckets = found - rows * width  # the positives of the earlier rows come first
         hist.index_add_(0, rows * (width + 1) + buckets, torch.ones_like(buckets))
@@ -115,7 +117,22 @@ def _at_or_above(sims: Tensor, ascending: Tensor) -> Tensor:
         buckets = torch.searchsorted(ascending, sims, right=True)  # (c, Nd) in 0..P
         buckets += torch.arange(c, device=sims.device).unsqueeze(1) * (width + 1)
         hist.index_add_(0, buckets.view(-1), torch.ones(1, dtype=torch.long, device=sims.device).expand(buckets.numel()))
+
+
+def _from_the_top(hist: Tensor, c: int, width: int) -> Tensor:
+    """(c, P) from the bucket histograms: #items at or above each positive score."""
     return hist.view(c, width + 1).flip(1).cumsum(1).flip(1)[:, 1:]
+
+
+def _at_or_above(sims: Tensor, ascending: Tensor) -> Tensor:
+    """(c, P): #items with score >= ``ascending[:, k]`` (each row's positive scores ascending, +inf padding).
+
+    An item's bucket is the number of positive scores <= it; a histogram of the buckets summed from
+    the top gives the counts (ties: an item equal to a positive score counts as at or above it)."""
+    c, width = ascending.shape
+    hist = torch.zeros(c * (width + 1), dtype=torch.long, device=sims.device)
+    _add_buckets(sims, ascending, hist)
+    return _from_the_top(hist, c, width)
 
 
 def _positive_scores(query: Tensor, query_code: Tensor, db_sorted: Tensor, starts: Tensor, counts: Tensor,
@@ -148,12 +165,18 @@ def _block_ranks(query: Tensor, scores: Tensor, db_sorted: Tensor, columns: Tens
     at or above each positive score."""
     ascending = scores.masked_fill(~valid, float("inf")).sort(dim=1).values  # padding (+inf) last
     num_real = torch.isfinite(ascending).sum(1, keepdim=True)
-    negatives_above = torch.zeros_like(columns)
-    for t in range(0, len(db_sorted), tile):
+    # the class's own items (row, column), by column, and where each block of columns begins among them
+    own_columns, by_column = columns[members].sort(stable=True)
+    own_rows = members.nonzero()[:, 0][by_column]
+    bounds = torch.searchsorted(own_columns, torch.arange(0, len(db_sorted) + tile, tile, device=columns.device))
+    c, width = columns.shape
+    hist = torch.zeros(c * (width + 1), dtype=torch.long, device=columns.device)
+    keys = _positive_keys(ascending)  # once per block, for the blocks of columns that search by key
+    for t, first, last in zip(range(0, len(db_sorted), tile), bounds.tolist(), bounds[1:].tolist()):
         sims = query @ db_sorted[t:t + tile].T
-        inside = members & (columns >= t) & (columns < t + tile)  # the class's own items in this block:
-        sims[inside.nonzero()[:, 0], columns[inside] - t] = float("-inf")  # not negatives, never counted
-        negatives_above += _at_or_above(sims, ascending)
+        sims[own_rows[first:last], own_columns[first:last] - t] = float("-inf")  # not negatives: never counted
+        _add_buckets(sims, ascending, hist, keys)
+    negatives_above = _from_the_top(hist, c, width)
     j = torch.arange(columns.shape[1], device=columns.device).unsqueeze(0)
     # the j-th best positive sits at ascending index num_real - 1 - j
     return j + negatives_above.gather(1, (num_real - 1 - j).clamp(min=0)), j < num_real
