@@ -12,7 +12,8 @@ Stages (each a fresh run directory under --out, seeds fixed by the configs):
 * ``teacher``: experiments/glyphs/teacher-lite2-128.yaml (``sym``), its test mAP at 128 px and, as the
   information bound of a low-resolution query, at 64 and 32 px;
 * ``students``: every other experiments/glyphs/*.yaml against that teacher: asymmetric mAP and R@1 as a
-  share of the teacher's symmetric ones, student-teacher cosine and self-R@1;
+  share of the teacher's symmetric ones, student-teacher cosine and self-R@1 (a ``sym`` config, a
+  reference trained without the teacher: its symmetric row);
 * ``default``: ``python main.py`` (the embedded cjk-glyphs-mini), its whole table.
 
 Figures are measured, never typed in: what this prints is what the runs gave.
@@ -29,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from lib.config import read_yaml  # noqa: E402
 
 STAGES = ("imagenet", "teacher", "students", "default")
 GLYPHS = ROOT / "experiments" / "glyphs"
@@ -91,8 +94,9 @@ def students(out: Path, verbose: bool):
         if config == TEACHER_CONFIG:
             continue
         run = out / config.stem
-        result = _train(["--config", str(config), "--teacher-path", str(teacher_path), "--directory", str(run),
-                         "--overwrite"], verbose)
+        alone = read_yaml(config).get("mode") == "sym"  # a reference trained without the teacher
+        result = _train(["--config", str(config), "--directory", str(run), "--overwrite"]
+                        + ([] if alone else ["--teacher-path", str(teacher_path)]), verbose)
         table = next(iter(result["test"].values()))
         for name, metrics in table.items():
             if name.startswith("student asym") or name.startswith("student sym"):
