@@ -158,10 +158,10 @@ def _block_ranks(query: Tensor, scores: Tensor, db_sorted: Tensor, columns: Tens
                  tile: int) -> Tuple[Tensor, Tensor]:
     """(c, P) ranks of the positives of at most ``GEMM_ROWS`` queries, best first (padding: junk).
 
-    ``columns`` (c, P): each query's class slice of the label-sorted database (clamped), ``members``
-    the real entries of it, ``valid`` those that are positives (``members`` less the query itself
-    when it is junk), ``scores`` their similarities (:func:`_positive_scores`). Every other database
-    item is a negative, scored once by the (c, tile) GEMM of its block of columns and counted there
+    ``columns`` (c, P): each query's class slice of the label-sorted database, ``members`` the real
+    entries of it (the padding is never read), ``valid`` those that are positives (``members`` less
+    the query itself when it is junk), ``scores`` their similarities (:func:`_positive_scores`). Every
+    other database item is a negative, scored once by the (c, tile) GEMM of its block of columns and counted there
     at or above each positive score."""
     ascending = scores.masked_fill(~valid, float("inf")).sort(dim=1).values  # padding (+inf) last
     num_real = torch.isfinite(ascending).sum(1, keepdim=True)
@@ -177,7 +177,7 @@ def _block_ranks(query: Tensor, scores: Tensor, db_sorted: Tensor, columns: Tens
         sims[own_rows[first:last], own_columns[first:last] - t] = float("-inf")  # not negatives: never counted
         _add_buckets(sims, ascending, hist, keys)
     negatives_above = _from_the_top(hist, c, width)
-    j = torch.arange(columns.shape[1], device=columns.device).unsqueeze(0)
+    j = torch.arange(width, device=columns.device).unsqueeze(0)
     # the j-th best positive sits at ascending index num_real - 1 - j
     return j + negatives_above.gather(1, (num_real - 1 - j).clamp(min=0)), j < num_real
 
@@ -216,8 +216,7 @@ def positive_ranks(query: Tensor, db: Tensor, query_labels: Tensor, db_labels: T
             columns = starts[code].unsqueeze(1) + offsets  # (c, P) the query's class slice
             members = offsets.unsqueeze(0) < counts[code].unsqueeze(1)
             valid = members & (columns != position_in_sorted[s:e].unsqueeze(1)) if exclude_self else members
-            parts.append(_block_ranks(query[s:e], scores[s:e], db_sorted, columns.clamp(max=max(len(db) - 1, 0)),
-                                      members, valid, tile))
+            parts.append(_block_ranks(query[s:e], scores[s:e], db_sorted, columns, members, valid, tile))
         yield torch.cat([r for r, _ in parts]), torch.cat([v for _, v in parts])
 
 
