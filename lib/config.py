@@ -91,7 +91,7 @@ class Config:
     amp: str = opt("auto", "autocast: auto (bf16 on CUDA when supported, else fp16), bf16, fp16, none", choices=("auto", "bf16", "fp16", "none"))
     channels_last: bool = opt(True, "channels_last memory format on CUDA")
     workers: int = opt(2, "data-loading workers", "-j", low=0)
-    epochs: int = opt(3, "epochs", low=1)
+    epochs: int = opt(2, "epochs", low=1)
     batch_size: int = opt(8, "images per batch (each gives --pos-num views in 'ts_aug')", "-b", low=1)
     update_every: int = opt(1, "optimizer step every N batches (gradient accumulation)", "-u", low=1)
     optimizer: str = opt("adamW", "optimizer", "-o", choices=("sgd", "adam", "adamW"))
