@@ -117,7 +117,8 @@ def with_loader(paths, backend, sizes, pos_num, mixup, workers, batches, batch_s
     indices = list(range(batch_size * (batches + 1)))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, [i % len(paths) for i in indices]),
                                          batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda", prefetch_factor=2)
+                                         pin_memory=device.type == "cuda",
+                                         prefetch_factor=2 if workers else None)  # 0: in-process loading
     start, seen = None, 0
     for i, batch in enumerate(loader):
         finish(batch, device)
