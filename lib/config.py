@@ -37,7 +37,8 @@ class Config:
     save_freq: int = opt(1, "write the 'last' checkpoint every N epochs", low=1)
     # networks
     student: Optional[str] = opt("tf_efficientnet_lite0", "student architecture (timm or torchvision name)", "-s")
-    student_path: Optional[str] = opt(None, "initialise the student from a checkpoint", "-spath")
+    student_path: Optional[str] = opt(None, "initialise the student from a checkpoint (kept as it is; --student-init "
+                                            "regress or pca refit its whitening)", "-spath")
     teacher: Optional[str] = opt(None, "teacher architecture, used with its ImageNet weights as is", "-t")
     teacher_path: Optional[str] = opt(None, "teacher checkpoint (file, pretrained/ name or published name)", "-tpath")
     train_teacher: bool = opt(True, "without --teacher/--teacher-path in a ts mode, first train a teacher in 'sym' "

@@ -19,6 +19,11 @@ in the teacher's space removes that burden:
   keeps the ImageNet geometry instead of a random projection of it;
 * ``auto``: ``teacher`` where the architectures match, else ``regress`` (ts modes), ``pca`` (``sym``);
 * ``none``: the paper's start.
+
+With ``--student-path`` the student starts from that checkpoint: ``auto`` and ``none`` keep it as it
+is, ``regress`` and ``pca`` refit its whitening on top (e.g. a network trained at the student's size in
+``sym`` mode, whose whitening is then fitted onto the teacher), ``teacher`` is refused (it would
+replace the checkpoint's weights).
 """
 from __future__ import annotations
 
@@ -37,10 +42,17 @@ def same_architecture(student: RetrievalNet, teacher: Optional[RetrievalNet]) ->
     return teacher is not None and all(student.meta.get(k) == teacher.meta.get(k) for k in _SAME)
 
 
-def resolve_student_init(choice: str, student: RetrievalNet, teacher: Optional[RetrievalNet]) -> str:
-    """The concrete initialisation for ``choice`` (see the module docstring); errors name the option."""
+def resolve_student_init(choice: str, student: RetrievalNet, teacher: Optional[RetrievalNet], *,
+                         from_checkpoint: bool = False) -> str:
+    """The concrete initialisation for ``choice`` (see the module docstring); errors name the option.
+    ``from_checkpoint``: the student's weights come from ``--student-path``."""
     if choice not in STUDENT_INITS:
         raise ValueError(f"--student-init {choice!r} is not one of {list(STUDENT_INITS)}")
+    if from_checkpoint and choice == "teacher":
+        raise ValueError("--student-init teacher would replace the weights of --student-path; use --student-init "
+                         "regress to refit the checkpoint's whitening onto the teacher, or auto/none to keep it as it is")
+    if from_checkpoint and choice == "auto":
+        return "none"
     if choice == "auto":
         if same_architecture(student, teacher):
             return "teacher"
@@ -62,16 +74,19 @@ def resolve_student_init(choice: str, student: RetrievalNet, teacher: Optional[R
 def initialise_student(choice: str, student: RetrievalNet, teacher: Optional[RetrievalNet], paths: Sequence[str],
                        labels: Sequence[int], *,
                        image_size: int, teacher_image_size: int, device, teacher_device, workers: int = 0,
-                       cache=None, max_images: int = 20000) -> str:
+                       cache=None, max_images: int = 20000, from_checkpoint: Optional[str] = None) -> str:
     """Apply ``choice`` to ``student`` in place; returns a line saying what was done.
 
     Descriptors come from the eval transform of (at most ``max_images``, evenly spaced) training images;
     the teacher's embeddings go through ``cache`` (the same entries validation and ``ts_reg`` use).
+    ``from_checkpoint``: the ``--student-path`` the student's weights were loaded from.
     """
-    how = resolve_student_init(choice, student, teacher)
+    how = resolve_student_init(choice, student, teacher, from_checkpoint=bool(from_checkpoint))
     if how == "none":
+        if from_checkpoint:
+            return f"the weights of {from_checkpoint} as they are (--student-path)"
         return "ImageNet backbone, random whitening (--student-init none)"
-    done = ""
+    done = f"the weights of {from_checkpoint} (--student-path)" if from_checkpoint else ""
     if how == "teacher":
         student.load_state_dict(teacher.state_dict())
         done = "the teacher's weights (same architecture)"
@@ -90,7 +105,7 @@ def initialise_student(choice: str, student: RetrievalNet, teacher: Optional[Ret
                      progress="student descriptors for the whitening")
     if how == "pca":
         init_whitening_from_data(student, pooled)  # the one PCA-whitening path
-        return f"PCA whitening of {len(subset)} training images"
+        return f"{done + ', ' if done else ''}PCA whitening of {len(subset)} training images"
     targets = cached_extract(cache, teacher, subset, teacher_image_size, device=teacher_device, workers=workers,
                              progress="teacher embeddings for the whitening")
     if targets.shape[1] != dim:

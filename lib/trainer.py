@@ -193,10 +193,10 @@ def train(cfg, run_dir: Path, student: RetrievalNet, teacher: Optional[Retrieval
 
     # the space the student is distilled into, recorded in its checkpoints for search.py's pairing check
     paired = {"teacher_fingerprint": network_fingerprint(teacher)} if teacher is not None else {}
-    if not resume and not cfg.student_path and dist_info.is_main:  # DDP then broadcasts rank 0's weights
+    if not resume and dist_info.is_main:  # DDP then broadcasts rank 0's weights
         done = initialise_student(cfg.student_init, student, teacher, paths, labels, image_size=cfg.image_size,
                                   teacher_image_size=cfg.teacher_image_size, device=device, teacher_device=teacher_device,
-                                  workers=cfg.workers, cache=cache)
+                                  workers=cfg.workers, cache=cache, from_checkpoint=cfg.student_path)
         print(f">> {tag or 'student '}initialisation: {done}")
     mode = MODES.get_class(cfg.mode)(cfg, student, teacher, paths, labels, device=device, teacher_device=teacher_device,
                                      cache=cache, rank=dist_info.rank, world_size=dist_info.world_size)

@@ -129,3 +129,25 @@ def test_pca_start_is_the_pca_whitening_of_the_pooled_descriptors(tiny_dataset, 
     weight, bias = pca_whitening(extract(net, paths, 32, pooled=True), 16)
     assert calls == [1]
     assert torch.allclose(net.whiten.weight, weight, atol=1e-5) and torch.allclose(net.whiten.bias, bias, atol=1e-5)
+
+
+def test_a_student_path_is_kept_unless_its_whitening_is_refitted(nets, tiny_dataset):
+    """--student-path: auto/none keep the checkpoint's weights; regress refits the whitening onto the teacher
+    and leaves the backbone as loaded; teacher is refused (it would discard the checkpoint)."""
+    teacher, _, _ = nets
+    torch.manual_seed(1)
+    loaded = build_network("timm:resnet18", "gem", 16, pretrained=False)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    paths, labels = _paths(tiny_dataset), _labels(tiny_dataset)
+    kw = dict(image_size=32, teacher_image_size=48, device="cpu", teacher_device="cpu", from_checkpoint="sym.pth")
+    for choice in ("auto", "none"):
+        line = initialise_student(choice, loaded, teacher, paths, labels, **kw)
+        assert line == "the weights of sym.pth as they are (--student-path)"
+        assert all(torch.equal(v, before[k]) for k, v in loaded.state_dict().items())
+    line = initialise_student("regress", loaded, teacher, paths, labels, **kw)
+    assert line.startswith("the weights of sym.pth (--student-path), whitening regressed"), line
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], before[k]) for k in state if not k.startswith("whiten."))
+    assert not torch.equal(state["whiten.weight"], before["whiten.weight"])
+    with pytest.raises(ValueError, match="--student-init teacher would replace the weights of --student-path"):
+        initialise_student("teacher", loaded, teacher, paths, labels, **kw)
