@@ -13,7 +13,8 @@ Stages (each a fresh run directory under --out, seeds fixed by the configs):
   information bound of a low-resolution query, at 64 and 32 px;
 * ``students``: every other experiments/glyphs/*.yaml against that teacher: asymmetric mAP and R@1 as a
   share of the teacher's symmetric ones, student-teacher cosine and self-R@1 (a ``sym`` config, a
-  reference trained without the teacher: its symmetric row);
+  reference trained without the teacher: its symmetric row; these run first, and a student whose
+  ``student_path`` is another config's run starts from that run as made here);
 * ``default``: ``python main.py`` (the embedded cjk-glyphs-mini), its whole table.
 
 Figures are measured, never typed in: what this prints is what the runs gave.
@@ -90,13 +91,17 @@ def students(out: Path, verbose: bool):
     if not teacher_path.is_file():
         raise FileNotFoundError(f"{teacher_path}: run the 'teacher' stage first (--only teacher)")
     rows = {}
-    for config in sorted(GLYPHS.glob("*.yaml")):
-        if config == TEACHER_CONFIG:
-            continue
-        run = out / config.stem
-        alone = read_yaml(config).get("mode") == "sym"  # a reference trained without the teacher
-        result = _train(["--config", str(config), "--directory", str(run), "--overwrite"]
-                        + ([] if alone else ["--teacher-path", str(teacher_path)]), verbose)
+    configs = {config.stem: read_yaml(config) for config in sorted(GLYPHS.glob("*.yaml")) if config != TEACHER_CONFIG}
+    # the references trained without the teacher first: a student may start from one (its --student-path)
+    for name in sorted(configs, key=lambda name: configs[name].get("mode") != "sym"):
+        config, run = GLYPHS / f"{name}.yaml", out / name
+        alone = configs[name].get("mode") == "sym"  # a reference trained without the teacher
+        argv = ["--config", str(config), "--directory", str(run), "--overwrite"]
+        argv += [] if alone else ["--teacher-path", str(teacher_path)]
+        start = Path(configs[name].get("student_path") or "")
+        if start.parent.name in configs:  # runs/glyphs/<config>/model_best.pth: that config's run made here
+            argv += ["--student-path", str(out / start.parent.name / start.name)]
+        result = _train(argv, verbose)
         table = next(iter(result["test"].values()))
         for name, metrics in table.items():
             if name.startswith("student asym") or name.startswith("student sym"):
