@@ -14,7 +14,7 @@ Stages (each a fresh run directory under --out, seeds fixed by the configs):
 * ``students``: every other experiments/glyphs/*.yaml against that teacher: asymmetric mAP and R@1 as a
   share of the teacher's symmetric ones, student-teacher cosine and self-R@1 (a ``sym`` config, a
   reference trained without the teacher: its symmetric row; these run first, and a student whose
-  ``student_path`` is another config's run starts from that run as made here);
+  ``student_path`` or ``teacher_path`` is another config's run gets that run as made here);
 * ``default``: ``python main.py`` (the embedded cjk-glyphs-mini), its whole table.
 
 Figures are measured, never typed in: what this prints is what the runs gave.
@@ -96,11 +96,14 @@ def students(out: Path, verbose: bool):
     for name in sorted(configs, key=lambda name: configs[name].get("mode") != "sym"):
         config, run = GLYPHS / f"{name}.yaml", out / name
         alone = configs[name].get("mode") == "sym"  # a reference trained without the teacher
+        paths = {} if alone else {"teacher_path": teacher_path}
+        for key in ("teacher_path", "student_path"):  # runs/glyphs/<config>/<file>: that config's run made here
+            made = Path(configs[name].get(key) or "")
+            if made.parent.name in configs:
+                paths[key] = out / made.parent.name / made.name
         argv = ["--config", str(config), "--directory", str(run), "--overwrite"]
-        argv += [] if alone else ["--teacher-path", str(teacher_path)]
-        start = Path(configs[name].get("student_path") or "")
-        if start.parent.name in configs:  # runs/glyphs/<config>/model_best.pth: that config's run made here
-            argv += ["--student-path", str(out / start.parent.name / start.name)]
+        for key, path in paths.items():
+            argv += [f"--{key.replace('_', '-')}", str(path)]
         result = _train(argv, verbose)
         table = next(iter(result["test"].values()))
         for name, metrics in table.items():
