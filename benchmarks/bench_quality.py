@@ -14,7 +14,8 @@ Stages (each a fresh run directory under --out, seeds fixed by the configs):
 * ``students``: every other experiments/glyphs/*.yaml against that teacher: asymmetric mAP and R@1 as a
   share of the teacher's symmetric ones, student-teacher cosine and self-R@1 (a ``sym`` config, a
   reference trained without the teacher: its symmetric row; these run first, and a student whose
-  ``student_path`` or ``teacher_path`` is another config's run gets that run as made here);
+  ``student_path`` or ``teacher_path`` is another config's run gets that run as made here; a reference
+  that teaches a student is also tested at that student's size, its information bound);
 * ``default``: ``python main.py`` (the embedded cjk-glyphs-mini), its whole table.
 
 Figures are measured, never typed in: what this prints is what the runs gave.
@@ -106,9 +107,17 @@ def students(out: Path, verbose: bool):
             argv += [f"--{key.replace('_', '-')}", str(path)]
         result = _train(argv, verbose)
         table = next(iter(result["test"].values()))
-        for name, metrics in table.items():
-            if name.startswith("student asym") or name.startswith("student sym"):
-                rows[f"{config.stem}: {name}"] = metrics
+        for row, metrics in table.items():
+            if row.startswith("student asym") or row.startswith("student sym"):
+                rows[f"{name}: {row}"] = metrics
+        # a reference that teaches another config: its own mAP at that student's size, the information bound
+        sizes = sorted({int(c["image_size"]) for c in configs.values()
+                        if Path(c.get("teacher_path") or "").parent.name == name and "image_size" in c})
+        for size in sizes:
+            got = _test(["--student-path", str(run / "model_best.pth"), "--image-size", str(size),
+                         "--datasets", "cjk-glyphs-test", "--output", str(out / f"{name}-at-{size}.json"),
+                         "--workers", "2"], verbose)
+            rows[f"{name}: sym {size}px (information bound)"] = got["sym"]
     return rows
 
 
