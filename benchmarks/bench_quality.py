@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib.config import read_yaml  # noqa: E402
+from lib.config import Config, read_yaml  # noqa: E402
 
 STAGES = ("imagenet", "teacher", "students", "default")
 GLYPHS = ROOT / "experiments" / "glyphs"
@@ -93,15 +93,20 @@ def students(out: Path, verbose: bool):
         raise FileNotFoundError(f"{teacher_path}: run the 'teacher' stage first (--only teacher)")
     rows = {}
     configs = {config.stem: read_yaml(config) for config in sorted(GLYPHS.glob("*.yaml")) if config != TEACHER_CONFIG}
+
+    def made_by(config: dict, key: str) -> str:
+        """The config whose run ``config[key]`` names (runs/glyphs/<config>/<file>), else ''."""
+        name = Path(config.get(key) or "").parent.name
+        return name if name in configs else ""
+
     # the references trained without the teacher first: a student may start from one (its --student-path)
     for name in sorted(configs, key=lambda name: configs[name].get("mode") != "sym"):
         config, run = GLYPHS / f"{name}.yaml", out / name
         alone = configs[name].get("mode") == "sym"  # a reference trained without the teacher
         paths = {} if alone else {"teacher_path": teacher_path}
-        for key in ("teacher_path", "student_path"):  # runs/glyphs/<config>/<file>: that config's run made here
-            made = Path(configs[name].get(key) or "")
-            if made.parent.name in configs:
-                paths[key] = out / made.parent.name / made.name
+        for key in ("teacher_path", "student_path"):  # that config's run, as made here
+            if made_by(configs[name], key):
+                paths[key] = out / made_by(configs[name], key) / Path(configs[name][key]).name
         argv = ["--config", str(config), "--directory", str(run), "--overwrite"]
         for key, path in paths.items():
             argv += [f"--{key.replace('_', '-')}", str(path)]
@@ -111,8 +116,8 @@ def students(out: Path, verbose: bool):
             if row.startswith("student asym") or row.startswith("student sym"):
                 rows[f"{name}: {row}"] = metrics
         # a reference that teaches another config: its own mAP at that student's size, the information bound
-        sizes = sorted({int(c["image_size"]) for c in configs.values()
-                        if Path(c.get("teacher_path") or "").parent.name == name and "image_size" in c})
+        sizes = sorted({int(c.get("image_size", Config().image_size)) for c in configs.values()
+                        if made_by(c, "teacher_path") == name})
         for size in sizes:
             got = _test(["--student-path", str(run / "model_best.pth"), "--image-size", str(size),
                          "--datasets", "cjk-glyphs-test", "--output", str(out / f"{name}-at-{size}.json"),

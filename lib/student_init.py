@@ -50,7 +50,8 @@ def resolve_student_init(choice: str, student: RetrievalNet, teacher: Optional[R
         raise ValueError(f"--student-init {choice!r} is not one of {list(STUDENT_INITS)}")
     if from_checkpoint and choice == "teacher":
         raise ValueError("--student-init teacher would replace the weights of --student-path; use --student-init "
-                         "regress to refit the checkpoint's whitening onto the teacher, or auto/none to keep it as it is")
+                         "regress to refit the checkpoint's whitening onto the teacher, or auto/none to keep it "
+                         "as it is")
     if from_checkpoint and choice == "auto":
         return "none"
     if choice == "auto":

@@ -24,8 +24,8 @@ def test_bench_pipeline_with_in_process_loading_and_a_worker():
         assert re.search(rf"{backend}: [0-9.]+ views/s per worker", out), out
 
 
-def test_bench_eval_agrees_with_the_reference_at_a_toy_size(profile="sop"):
+def test_bench_eval_agrees_with_the_reference_at_a_toy_size():
     """The script itself raises when the reference's mAP or R@1 differs from ours by more than 1e-6."""
-    out = run_script("bench_eval.py", "--sizes", "300", "--profiles", profile, "--repeats", "1", "--threads", "1")
-    row = next(line for line in out.splitlines() if line.split()[:2] == ["300", profile])
+    out = run_script("bench_eval.py", "--sizes", "300", "--profiles", "sop", "--repeats", "1", "--threads", "1")
+    row = next(line for line in out.splitlines() if line.split()[:2] == ["300", "sop"])
     assert re.search(r"\|\s+[0-9.]+\s+[0-9.]+\s+\|", row), row  # mAP and R@1 printed

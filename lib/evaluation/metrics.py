@@ -161,8 +161,8 @@ def _block_ranks(query: Tensor, scores: Tensor, db_sorted: Tensor, columns: Tens
     ``columns`` (c, P): each query's class slice of the label-sorted database, ``members`` the real
     entries of it (the padding is never read), ``valid`` those that are positives (``members`` less
     the query itself when it is junk), ``scores`` their similarities (:func:`_positive_scores`). Every
-    other database item is a negative, scored once by the (c, tile) GEMM of its block of columns and counted there
-    at or above each positive score."""
+    other database item is a negative, scored once by the (c, tile) GEMM of its block of columns and
+    counted there at or above each positive score."""
     ascending = scores.masked_fill(~valid, float("inf")).sort(dim=1).values  # padding (+inf) last
     num_real = torch.isfinite(ascending).sum(1, keepdim=True)
     # the class's own items (row, column), by column, and where each block of columns begins among them
