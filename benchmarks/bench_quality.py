@@ -93,6 +93,7 @@ def students(out: Path, verbose: bool):
         raise FileNotFoundError(f"{teacher_path}: run the 'teacher' stage first (--only teacher)")
     rows = {}
     configs = {config.stem: read_yaml(config) for config in sorted(GLYPHS.glob("*.yaml")) if config != TEACHER_CONFIG}
+    default_size = Config().image_size  # a config without image_size trains at the default's
 
     def made_by(config: dict, key: str) -> str:
         """The config whose run ``config[key]`` names (runs/glyphs/<config>/<file>), else ''."""
@@ -105,8 +106,9 @@ def students(out: Path, verbose: bool):
         alone = configs[name].get("mode") == "sym"  # a reference trained without the teacher
         paths = {} if alone else {"teacher_path": teacher_path}
         for key in ("teacher_path", "student_path"):  # that config's run, as made here
-            if made_by(configs[name], key):
-                paths[key] = out / made_by(configs[name], key) / Path(configs[name][key]).name
+            made = made_by(configs[name], key)
+            if made:
+                paths[key] = out / made / Path(configs[name][key]).name
         argv = ["--config", str(config), "--directory", str(run), "--overwrite"]
         for key, path in paths.items():
             argv += [f"--{key.replace('_', '-')}", str(path)]
@@ -116,7 +118,7 @@ def students(out: Path, verbose: bool):
             if row.startswith("student asym") or row.startswith("student sym"):
                 rows[f"{name}: {row}"] = metrics
         # a reference that teaches another config: its own mAP at that student's size, the information bound
-        sizes = sorted({int(c.get("image_size", Config().image_size)) for c in configs.values()
+        sizes = sorted({int(c.get("image_size", default_size)) for c in configs.values()
                         if made_by(c, "teacher_path") == name})
         for size in sizes:
             got = _test(["--student-path", str(run / "model_best.pth"), "--image-size", str(size),
