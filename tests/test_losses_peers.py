@@ -527,3 +527,45 @@ def test_every_distiller_config_loads_and_its_tuning_space_is_its_weight(monkeyp
         objective, weight = runner.distiller_objective(name)
         assert key == f"objective.{objective}.weight" and current_value(cfg, key) == weight
         assert param.low == pytest.approx(weight / 10) and param.high == pytest.approx(weight * 10) and param.log
+
+
+def test_tuned_config_reruns_with_its_found_values_and_another_seed(tmp_path, monkeypatch):
+    """``run.py --top N --tune ...``: a tuned config's extra seeds train from the values its search found
+    (``config_final.json``), with the new seed, without searching again, in their own run directory."""
+    import importlib.util
+    import json
+
+    from lib.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("distillers_run", root / "experiments" / "distillers" / "run.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    runs = root / "runs" / f"test-distillers-{tmp_path.name}"  # under ROOT: the runner passes paths relative to it
+    monkeypatch.setattr(runner, "RUNS", runs)
+    try:
+        tuned = load_config(["--config", str(root / "experiments" / "distillers" / "ts_aug+csd.yaml"), "--optimize",
+                             *runner.search_flags("ts_aug+csd")])
+        found = tuned.replace(objective=["csd:0.639:gallery_size=1024"], val=False)
+        (runs / "ts_aug+csd-tuned-s1234").mkdir(parents=True)
+        (runs / "ts_aug+csd-tuned-s1234" / "config_final.json").write_text(json.dumps(found.to_dict()))
+        commands = []
+
+        def fake_run(command, cwd, check, stdout):
+            commands.append(command)
+            out = root / command[command.index("--directory") + 1]
+            out.mkdir(parents=True)
+
+        monkeypatch.setattr(runner.subprocess, "run", fake_run)
+        out = runner.rerun_tuned("ts_aug+csd", 2, 1234)
+        (command,) = commands
+        assert out == runs / "ts_aug+csd-tuned-s2" and (out / "wall_s.txt").is_file()
+        cfg = load_config(command[command.index("main.py") + 1:])
+        assert not cfg.optimize and cfg.seed == 2 and cfg.directory == str(out.relative_to(root))
+        assert cfg.objective == found.objective and cfg.lr == found.lr and not cfg.val
+        (out / "results.json").write_text("{}")
+        assert runner.rerun_tuned("ts_aug+csd", 2, 1234) == out and len(commands) == 1  # done: not run again
+    finally:
+        import shutil
+
+        shutil.rmtree(runs, ignore_errors=True)

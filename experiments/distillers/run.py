@@ -16,7 +16,9 @@ saves recomputing it in every run. Its own test is the table's "start (no traini
 
 ``--tune`` runs ``main.py --optimize`` for the named configs (``runs/distillers/<config>-tuned-s<seed>/``):
 ``--trials`` trials on the validation classes (the second half of the training characters, trained on
-the first half), then the final run with the best values on train+val, tested once. ``ts_aug`` searches
+the first half), then the final run with the best values on train+val, tested once. With ``--top N``
+and more than one seed, the N best tuned configs of the first seed then train again with the other
+seeds from the values their search found (``config_final.json``), without searching again. ``ts_aug`` searches
 the paper's space (lr, lam-1, lam-2); a config with a distiller searches that distiller's weight over
 [0.1, 10] times its configured weight (log scale) and nothing else, so that the tuning concerns the
 distiller. Rows "<config> (tuned)" join the table.
@@ -148,6 +150,27 @@ def tune_one(name: str, seed: int, trials: int) -> Path:
                   ["--optimize", "--trials", str(trials), *search_flags(name), *resume, "--seed", str(seed)])
 
 
+def rerun_tuned(name: str, seed: int, first: int) -> Path:
+    """The tuned config of ``name`` (``config_final.json`` of its search with seed ``first``: the configured
+    values with the best ones found) trained and tested again with another ``seed``, without a search."""
+    out = RUNS / f"{name}-tuned-s{seed}"
+    if (out / "results.json").is_file():
+        return out
+    if out.exists():  # an interrupted run: start it again
+        import shutil
+
+        shutil.rmtree(out)
+    final = RUNS / f"{name}-tuned-s{first}" / "config_final.json"
+    command = [*nice(), sys.executable, "main.py", "--config", str(final.relative_to(ROOT)), "--no-optimize",
+               "--directory", str(out.relative_to(ROOT)), "--seed", str(seed)]
+    started = time.time()
+    print(f">> {name} seed {seed}, tuned: {' '.join(command[command.index('main.py'):])}", flush=True)
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    (out / "wall_s.txt").write_text(f"{time.time() - started:.0f}\n")
+    print(f"   done in {time.time() - started:.0f} s", flush=True)
+    return out
+
+
 def read_run(path: Path):
     table = json.loads((path / "results.json").read_text())["test"]["cjk-glyphs-mini-test"]
     asym = table[STUDENT_ROW]
@@ -254,6 +277,16 @@ def main(argv=None) -> None:
                 skipped += [(f"{n} (tuned)", seeds[0]) for n in tune[i:]]
                 break
             tune_one(name, seeds[0], args.trials)
+        if args.top and len(seeds) > 1 and tune and not skipped:  # the extra seeds for the N best tuned configs
+            first = collect(lambda n: seeds[:1])
+            best = sorted((n for n in tune if f"{n} (tuned)" in first),
+                          key=lambda n: -first[f"{n} (tuned)"][0]["mAP"])[: args.top]
+            plan = [(n, s) for s in seeds[1:] for n in best]
+            for i, (name, seed) in enumerate(plan):
+                if (time.time() - started) / 60 > args.budget_minutes:
+                    skipped = [(f"{n} (tuned)", s) for n, s in plan[i:]]
+                    break
+                rerun_tuned(name, seed, seeds[0])
         if skipped:
             print(f">> budget of {args.budget_minutes:g} min spent; not run: "
                   + ", ".join(f"{n} (seed {s})" for n, s in skipped))
