@@ -22,6 +22,7 @@ from lib.checkpoint import load_checkpoint
 from lib.models.loading import network_from_state
 from lib.deploy.export import ONNX_OPSET, export_onnx, export_torchscript, load_exported
 from lib.models.zoo import resolve_model_path
+from lib.utils import run_script
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 
@@ -74,4 +75,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "export.py")

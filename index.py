@@ -22,7 +22,7 @@ from lib.deploy.cli import add_backend_flags, add_image_flags, backend_params
 from lib.deploy.index import BACKENDS, build_index, load_index, make_backend, save_backend
 from lib.deploy.inputs import collect_images
 from lib.models.pooling import POOLING
-from lib.utils import select_device
+from lib.utils import run_script, select_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,4 +78,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "index.py")

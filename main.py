@@ -27,7 +27,7 @@ from lib.evaluation.protocol import format_table
 from lib.evaluation.run import cost_networks, evaluate_dataset
 from lib.logger import get_logger
 from lib.trainer import TrainResult, Validator, check_learned_miners, train
-from lib.utils import environment, seed_everything, select_device, write_json
+from lib.utils import environment, run_script, seed_everything, select_device, write_json
 
 CACHE_DIR = ".cache/embeddings"
 
@@ -296,4 +296,4 @@ def run(cfg: Config, info: DistInfo) -> Dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    run_script(main, "main.py")

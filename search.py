@@ -20,7 +20,7 @@ from lib.deploy.cli import add_backend_flags, add_image_flags, backend_params
 from lib.deploy.index import BACKENDS, load_index, open_backend
 from lib.deploy.inputs import collect_images
 from lib.deploy.search import PairMismatchError, check_pair, load_query_encoder, search_embeddings
-from lib.utils import dumps_json, select_device, write_json
+from lib.utils import dumps_json, run_script, select_device, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,4 +82,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "search.py")

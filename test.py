@@ -26,7 +26,7 @@ from lib.evaluation.cost import cost_summary, format_cost_table, query_costs
 from lib.evaluation.protocol import format_table
 from lib.evaluation.run import cost_networks, evaluate_dataset
 from lib.models.pooling import POOLING
-from lib.utils import parse_scales, select_device, write_json
+from lib.utils import parse_scales, run_script, select_device, write_json
 
 
 def _bounded(kind, low: float, high: float | None = None, high_open: bool = False):
@@ -145,4 +145,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "test.py")

@@ -4,6 +4,13 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 
+class UnknownNameError(KeyError):
+    """A name that no builder of a registry has (an option's value, a config's key): bad input."""
+
+    def __str__(self) -> str:  # the message, without KeyError's quotes
+        return str(self.args[0]) if self.args else ""
+
+
 class Registry(dict):
     """``dict`` from name to class or function, filled by the :meth:`register` decorator.
 
@@ -35,7 +42,7 @@ class Registry(dict):
         try:
             return self[name_or_obj]
         except KeyError:
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown {self.kind} {name_or_obj!r}; choose one of: {', '.join(sorted(self))}"
             ) from None
 
@@ -46,4 +53,4 @@ class Registry(dict):
         return sorted(self)
 
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "UnknownNameError"]

@@ -174,3 +174,29 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[str]:
 
 __all__ = ["resolve_amp", "autocast_context", "parse_scales", "select_device", "seed_everything", "json_safe",
            "dumps_json", "write_json", "environment"]
+
+
+def _input_errors() -> tuple:
+    """What a script's bad input raises: the toolkit's messages name the file, key, option or value at
+    fault. A plain ``KeyError`` is a bug, not an input: only the registries' unknown names are here."""
+    from lib.registry import UnknownNameError
+
+    return (ValueError, UnknownNameError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError)
+
+
+def run_script(main, prog: str) -> None:
+    """Run a script's ``main()`` and exit: 0 on success; on bad input (``_input_errors()``) the message alone,
+    ``<prog>: error: <message>`` on stderr and exit status 2, as argparse does for a bad flag. Any other
+    exception, and every one when ``RAML_TRACEBACK=1`` is set, keeps its traceback (a bug, not an input)."""
+    import sys
+
+    if os.environ.get("RAML_TRACEBACK", "") not in ("", "0"):
+        main()
+        sys.exit(0)
+    try:
+        main()
+    except _input_errors() as err:
+        print(f"{prog}: error: {err}\n(set RAML_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0)
