@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -99,9 +100,10 @@ def run_one(name: str, seed: int) -> Path:
     return launch(name, f"{name} seed {seed}", out, ["--seed", str(seed)])
 
 
-def launch(name: str, label: str, out: Path, flags: list) -> Path:
-    """``main.py --config <name>.yaml --directory <out> <flags>`` under ``nice``, its wall clock in ``wall_s.txt``."""
-    command = [*nice(), sys.executable, "main.py", "--config", str(HERE / f"{name}.yaml"),
+def launch(name: str, label: str, out: Path, flags: list, config: Optional[Path] = None) -> Path:
+    """``main.py --config <config> --directory <out> <flags>`` under ``nice`` (``config``: ``<name>.yaml`` by
+    default), its wall clock in ``wall_s.txt``."""
+    command = [*nice(), sys.executable, "main.py", "--config", str(config or HERE / f"{name}.yaml"),
                "--directory", str(out.relative_to(ROOT)), *flags]
     started = time.time()
     print(f">> {label}: {' '.join(command[command.index('main.py'):])}", flush=True)
@@ -161,14 +163,8 @@ def rerun_tuned(name: str, seed: int, first: int) -> Path:
 
         shutil.rmtree(out)
     final = RUNS / f"{name}-tuned-s{first}" / "config_final.json"
-    command = [*nice(), sys.executable, "main.py", "--config", str(final.relative_to(ROOT)), "--no-optimize",
-               "--directory", str(out.relative_to(ROOT)), "--seed", str(seed)]
-    started = time.time()
-    print(f">> {name} seed {seed}, tuned: {' '.join(command[command.index('main.py'):])}", flush=True)
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    (out / "wall_s.txt").write_text(f"{time.time() - started:.0f}\n")
-    print(f"   done in {time.time() - started:.0f} s", flush=True)
-    return out
+    return launch(name, f"{name} seed {seed}, tuned", out, ["--no-optimize", "--seed", str(seed)],
+                  config=final.relative_to(ROOT))
 
 
 def read_run(path: Path):
