@@ -5,6 +5,7 @@ spread over seeds).
     python experiments/distillers/run.py                         # every config, seed 1234
     python experiments/distillers/run.py --top 5 --seeds 1234,1,2  # then more seeds for the five best
     python experiments/distillers/run.py --tune ts_aug,ts_aug+csd  # optuna on the validation classes, then test
+    python experiments/distillers/run.py --tune all --top 5 --seeds 1234,1,2  # all of it: every config tuned too
     python experiments/distillers/run.py --table-only             # print the table of what has run
 
 Each run goes to ``runs/distillers/<config>-s<seed>/`` and is skipped when its ``results.json`` exists,
@@ -232,12 +233,12 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-minutes", type=float, default=50.0, help="start no run after this much wall-clock time")
     parser.add_argument("--table-only", action="store_true", help="print the table of the finished runs")
     parser.add_argument("--tune", default="", help="comma-separated configs to tune with --optimize (first seed), "
-                        "after the other runs")
+                        "after the other runs; 'all' for every config")
     parser.add_argument("--trials", type=int, default=6, help="optuna trials of --tune")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     names = [n for n in configs() if not args.only or n in args.only.split(",")]
-    tune = [n for n in args.tune.split(",") if n.strip()]
+    tune = configs() if args.tune.strip() == "all" else [n for n in args.tune.split(",") if n.strip()]
     for option, given in (("--only", args.only.split(",")), ("--tune", tune)):
         unknown = set(filter(None, given)) - set(configs())
         if unknown:
