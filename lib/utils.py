@@ -8,6 +8,7 @@ import math
 import operator
 import os
 import random
+import sys
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+
+from lib.registry import UnknownNameError
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
         ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
@@ -172,31 +175,26 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[str]:
     return amp
 
 
-__all__ = ["resolve_amp", "autocast_context", "parse_scales", "select_device", "seed_everything", "json_safe",
-           "dumps_json", "write_json", "environment"]
-
-
-def _input_errors() -> tuple:
-    """What a script's bad input raises: the toolkit's messages name the file, key, option or value at
-    fault. A plain ``KeyError`` is a bug, not an input: only the registries' unknown names are here."""
-    from lib.registry import UnknownNameError
-
-    return (ValueError, UnknownNameError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-            PermissionError)
+# what a script's bad input raises: the toolkit's messages name the file, key, option or value at fault. A
+# plain KeyError is a bug, not an input: of the KeyErrors, only a registry's unknown name is here
+INPUT_ERRORS = (ValueError, UnknownNameError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                NotADirectoryError, PermissionError)
 
 
 def run_script(main, prog: str) -> None:
-    """Run a script's ``main()`` and exit: 0 on success; on bad input (``_input_errors()``) the message alone,
+    """Run a script's ``main()`` and exit: 0 on success; on bad input (``INPUT_ERRORS``) the message alone,
     ``<prog>: error: <message>`` on stderr and exit status 2, as argparse does for a bad flag. Any other
     exception, and every one when ``RAML_TRACEBACK=1`` is set, keeps its traceback (a bug, not an input)."""
-    import sys
-
-    if os.environ.get("RAML_TRACEBACK", "") not in ("", "0"):
-        main()
-        sys.exit(0)
     try:
         main()
-    except _input_errors() as err:
+    except INPUT_ERRORS as err:
+        if os.environ.get("RAML_TRACEBACK", "") not in ("", "0"):
+            raise
         print(f"{prog}: error: {err}\n(set RAML_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
         sys.exit(2)
     sys.exit(0)
+
+
+__all__ = ["resolve_amp", "autocast_context", "parse_scales", "select_device", "seed_everything", "json_safe",
+           "dumps_json", "write_json", "environment", "run_script", "INPUT_ERRORS"]
+
