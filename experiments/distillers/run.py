@@ -90,15 +90,30 @@ def make_student_init() -> None:
     atomic_save(network_state(student, epoch=0, mode="ts_aug"), INIT)
 
 
-def run_one(name: str, seed: int) -> Path:
-    out = RUNS / f"{name}-s{seed}"
+def pending(out: Path) -> bool:
+    """Whether the run of ``out`` is still to do (no ``results.json``); an interrupted one is cleared."""
     if (out / "results.json").is_file():
-        return out
+        return False
     if out.exists():  # an interrupted run: start it again
         import shutil
 
         shutil.rmtree(out)
-    return launch(name, f"{name} seed {seed}", out, ["--seed", str(seed)])
+    return True
+
+
+def run_one(name: str, seed: int) -> Path:
+    out = RUNS / f"{name}-s{seed}"
+    return launch(name, f"{name} seed {seed}", out, ["--seed", str(seed)]) if pending(out) else out
+
+
+def within_budget(plan: list, run, started: float, minutes: float) -> list:
+    """``run(name, seed)`` for each pair of ``plan`` while fewer than ``minutes`` have passed since
+    ``started``; returns the pairs not started."""
+    for i, (name, seed) in enumerate(plan):
+        if (time.time() - started) / 60 > minutes:
+            return plan[i:]
+        run(name, seed)
+    return []
 
 
 def launch(name: str, label: str, out: Path, flags: list, config: Optional[Path] = None) -> Path:
@@ -157,12 +172,8 @@ def rerun_tuned(name: str, seed: int, first: int) -> Path:
     """The tuned config of ``name`` (``config_final.json`` of its search with seed ``first``: the configured
     values with the best ones found) trained and tested again with another ``seed``, without a search."""
     out = RUNS / f"{name}-tuned-s{seed}"
-    if (out / "results.json").is_file():
+    if not pending(out):
         return out
-    if out.exists():  # an interrupted run: start it again
-        import shutil
-
-        shutil.rmtree(out)
     final = RUNS / f"{name}-tuned-s{first}" / "config_final.json"
     return launch(name, f"{name} seed {seed}, tuned", out, ["--no-optimize", "--seed", str(seed)],
                   config=final.relative_to(ROOT))
@@ -253,37 +264,22 @@ def main(argv=None) -> None:
         if not INIT.is_file():
             make_student_init()
         test_start()
-        skipped = []
-        plan = [(n, seeds[0]) for n in names]
-        for i, (name, seed) in enumerate(plan):
-            if (time.time() - started) / 60 > args.budget_minutes:
-                skipped = plan[i:]
-                break
-            run_one(name, seed)
+        budget = dict(started=started, minutes=args.budget_minutes)
+        skipped = within_budget([(n, seeds[0]) for n in names], run_one, **budget)
         if args.top and len(seeds) > 1 and not skipped:
             first = collect(lambda n: seeds[:1], tuned=False)
             best = sorted((n for n in first if n in names), key=lambda n: -first[n][0]["mAP"])[: args.top]
-            plan = [(n, s) for s in seeds[1:] for n in best]
-            for i, (name, seed) in enumerate(plan):
-                if (time.time() - started) / 60 > args.budget_minutes:
-                    skipped = plan[i:]
-                    break
-                run_one(name, seed)
-        for i, name in enumerate(tune):
-            if skipped or (time.time() - started) / 60 > args.budget_minutes:
-                skipped += [(f"{n} (tuned)", seeds[0]) for n in tune[i:]]
-                break
-            tune_one(name, seeds[0], args.trials)
+            skipped = within_budget([(n, s) for s in seeds[1:] for n in best], run_one, **budget)
+        plan = [(n, seeds[0]) for n in tune]
+        untuned = plan if skipped else within_budget(plan, lambda n, s: tune_one(n, s, args.trials), **budget)
+        skipped += [(f"{n} (tuned)", s) for n, s in untuned]
         if args.top and len(seeds) > 1 and tune and not skipped:  # the extra seeds for the N best tuned configs
             first = collect(lambda n: seeds[:1])
             best = sorted((n for n in tune if f"{n} (tuned)" in first),
                           key=lambda n: -first[f"{n} (tuned)"][0]["mAP"])[: args.top]
             plan = [(n, s) for s in seeds[1:] for n in best]
-            for i, (name, seed) in enumerate(plan):
-                if (time.time() - started) / 60 > args.budget_minutes:
-                    skipped = [(f"{n} (tuned)", s) for n, s in plan[i:]]
-                    break
-                rerun_tuned(name, seed, seeds[0])
+            skipped = [(f"{n} (tuned)", s) for n, s in
+                       within_budget(plan, lambda n, s: rerun_tuned(n, s, seeds[0]), **budget)]
         if skipped:
             print(f">> budget of {args.budget_minutes:g} min spent; not run: "
                   + ", ".join(f"{n} (seed {s})" for n, s in skipped))
