@@ -67,6 +67,9 @@ class Config:
     lam_label: float = opt(0.5, "weight of the label term added to 'ts_aug': asymmetric multi-similarity of the student's "
                                 "queries against the teacher's embeddings of the batch, same class = positive (0: the "
                                 "paper's three terms alone)", low=0.0)
+    lam_csd: float = opt(1.0, "weight of contextual similarity distillation added to 'ts_aug' (csd, Wu et al., CVPR 2022): "
+                              "each student query reproduces the teacher's similarity distribution over its nearest "
+                              "teacher embeddings of the batch and of the last 1024 teacher views (0: off)", low=0.0)
     objective: List[str] = opt([], "extra objective name[:weight][:k=v,...] (repeatable); see README", action="append")
     image_size: int = opt(96, "student (query) image size", low=1)
     teacher_image_size: int = opt(128, "teacher (database) image size", low=1)
@@ -92,7 +95,7 @@ class Config:
     amp: str = opt("auto", "autocast: auto (bf16 on CUDA when supported, else fp16), bf16, fp16, none", choices=("auto", "bf16", "fp16", "none"))
     channels_last: bool = opt(True, "channels_last memory format on CUDA")
     workers: int = opt(2, "data-loading workers", "-j", low=0)
-    epochs: int = opt(2, "epochs", low=1)
+    epochs: int = opt(1, "epochs", low=1)
     batch_size: int = opt(8, "images per batch (each gives --pos-num views in 'ts_aug')", "-b", low=1)
     update_every: int = opt(1, "optimizer step every N batches (gradient accumulation)", "-u", low=1)
     optimizer: str = opt("adamW", "optimizer", "-o", choices=("sgd", "adam", "adamW"))

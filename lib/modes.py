@@ -111,7 +111,11 @@ class TSAug(Mode):
         teacher embedding; on many classes with a few images each this term also asks the student's
         query to rank the teacher's embeddings of the *other* images of its class above those of other
         classes, which is what the asymmetric test measures (experiments/README.md: the default's
-        student goes from 86.9% to 90.5% of the teacher at the same cost)."""
+        student goes from 86.9% to 90.5% of the teacher at the same cost). With ``--lam-csd``, CSD
+        (:class:`lib.losses.peers.CSDLoss`: the batch and a memory of the last 1024 teacher views as
+        its gallery) asks each query to reproduce the teacher's similarities to its nearest neighbours,
+        which lets one epoch do what two did without it (experiments/README.md, "The default in one
+        student epoch")."""
         specs = [ObjectiveSpec("absolute", 1.0)]
         if self.cfg.lam_1:
             specs.append(ObjectiveSpec("relative_st", self.cfg.lam_1))
@@ -119,6 +123,8 @@ class TSAug(Mode):
             specs.append(ObjectiveSpec("relative_ss", self.cfg.lam_2))
         if self.cfg.lam_label:
             specs.append(ObjectiveSpec("ms", self.cfg.lam_label, {"asymmetric": True}))
+        if self.cfg.lam_csd:
+            specs.append(ObjectiveSpec("csd", self.cfg.lam_csd))
         return specs
 
     def embed(self, batch, student, epoch):

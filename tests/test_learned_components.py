@@ -41,6 +41,8 @@ def test_searching_a_weight_that_an_objective_spec_replaces_is_refused():
         search_space(load_config(["--optimize", "--objective", "relative_st:0.3"]))
     with pytest.raises(ValueError, match="searches lam_2"):
         search_space(load_config(["--optimize", "--objective", "relative_ss:0.3", "--search", "lam_1=off"]))
+    with pytest.raises(ValueError, match="searches lam_csd .*'csd'"):
+        search_space(load_config(["--optimize", "--objective", "csd:2", "--search", "lam_csd=0.5:2"]))
     # the spec's own weight is searchable, and the mode weights of other modes are not concerned
     cfg = load_config(["--optimize", "--objective", "relative_st:0.3", "--search", "lam_1=off",
                        "--search", "objective.relative_st.weight=0.1:0.5"])

@@ -155,7 +155,7 @@ def test_user_objectives_join_replace_or_drop_the_modes_own():
 def test_ts_aug_label_term_and_its_class_balanced_batches(tiny_dataset):
     """--lam-label adds asymmetric multi-similarity to the paper's three terms and, with
     --samples-per-class 0, draws 2 images per class so that every batch has same-class pairs;
-    --lam-label 0 is the paper's objective with plain shuffling."""
+    --lam-csd adds CSD; --lam-label 0 --lam-csd 0 is the paper's objective with plain shuffling."""
     from lib.config import load_config
     from lib.data.samplers import ClassBalancedBatchSampler, RandomBatchSampler
     from lib.models.net import build_network
@@ -164,8 +164,13 @@ def test_ts_aug_label_term_and_its_class_balanced_batches(tiny_dataset):
     paths = sorted(str(p) for p in tiny_dataset.rglob("*.png"))
     labels = [int(Path(p).parent.name[-2:]) for p in paths]
     net = build_network("timm:resnet18", "gem", 16, pretrained=False)
-    for extra, names, sampler in [([], ["absolute", "relative_st", "relative_ss", "ms"], ClassBalancedBatchSampler),
-                                  (["--lam-label", "0"], ["absolute", "relative_st", "relative_ss"], RandomBatchSampler),
+    for extra, names, sampler in [([], ["absolute", "relative_st", "relative_ss", "ms", "csd"], ClassBalancedBatchSampler),
+                                  (["--lam-csd", "0"], ["absolute", "relative_st", "relative_ss", "ms"],
+                                   ClassBalancedBatchSampler),
+                                  (["--lam-label", "0", "--lam-csd", "0"], ["absolute", "relative_st", "relative_ss"],
+                                   RandomBatchSampler),
+                                  (["--lam-label", "0", "--lam-csd", "2"], ["absolute", "relative_st", "relative_ss", "csd"],
+                                   RandomBatchSampler),
                                   (["--lam-label", "0.5", "--samples-per-class", "4"], None, ClassBalancedBatchSampler)]:
         cfg = load_config(["--batch-size", "8", *extra])
         mode = MODES.get_class("ts_aug")(cfg, net, net, paths, labels, device=torch.device("cpu"),
@@ -174,8 +179,11 @@ def test_ts_aug_label_term_and_its_class_balanced_batches(tiny_dataset):
         if names:
             assert [s.name for s in specs] == names
         assert isinstance(mode.batch_sampler, sampler)
-        if specs[-1].name == "ms":
-            assert specs[-1].weight == 0.5 and specs[-1].params == {"asymmetric": True}
+        by_name = {s.name: s for s in specs}
+        if "csd" in by_name:
+            assert by_name["csd"].weight == cfg.lam_csd and by_name["csd"].params == {}
+        if "ms" in by_name:
+            assert by_name["ms"].weight == 0.5 and by_name["ms"].params == {"asymmetric": True}
             batches = list(mode.batch_sampler)
             per_class = cfg.samples_per_class or 2
             assert all(len(b) == 8 for b in batches)

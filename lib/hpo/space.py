@@ -154,7 +154,7 @@ def search_space(cfg: Config) -> List[SearchParam]:
 
 
 #: Config fields that are the weight of one of a mode's own objectives (``lib.modes``: ``base_objectives``)
-MODE_WEIGHTS = {"ts_aug": {"lam_1": "relative_st", "lam_2": "relative_ss", "lam_label": "ms"}}
+MODE_WEIGHTS = {"ts_aug": {"lam_1": "relative_st", "lam_2": "relative_ss", "lam_label": "ms", "lam_csd": "csd"}}
 
 
 def _check_mode_weights(cfg: Config, names: Sequence[str]) -> None:
