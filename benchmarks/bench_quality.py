@@ -4,6 +4,8 @@
     python benchmarks/bench_quality.py                    # everything (hours on 2 CPU cores, minutes on a GPU)
     python benchmarks/bench_quality.py --only default     # the embedded default alone (python main.py)
     python benchmarks/bench_quality.py --only teacher,students --out runs/quality
+    python benchmarks/bench_quality.py --only students --configs 'ts_aug-lite0-64-label-csd-*' \
+        --teacher-path runs/glyphs/teacher-lite2-128/model_best.pth   # a few students, a teacher already made
 
 Stages (each a fresh run directory under --out, seeds fixed by the configs):
 
@@ -24,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
 import io
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -87,18 +91,45 @@ def teacher(out: Path, verbose: bool):
     return rows
 
 
-def students(out: Path, verbose: bool):
-    teacher_path = out / "teacher-lite2-128" / "model_best.pth"
+def _made_by(configs: dict, config: dict, key: str) -> str:
+    """The config whose run ``config[key]`` names (runs/glyphs/<config>/<file>), else ''."""
+    name = Path(config.get(key) or "").parent.name
+    return name if name in configs else ""
+
+
+def select_configs(configs: dict, patterns: str) -> dict:
+    """The configs whose names match one of the comma-separated shell patterns, with the configs whose
+    runs they start from or learn from (``student_path``, ``teacher_path``), recursively: a student is
+    never trained against a run this benchmark did not make. ``*`` (the default) keeps them all."""
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    chosen = {name for name in configs if any(fnmatch.fnmatchcase(name, p) for p in wanted)}
+    unmatched = [p for p in wanted if not any(fnmatch.fnmatchcase(name, p) for name in configs)]
+    if unmatched or not chosen:
+        raise SystemExit(f"--configs: {unmatched or wanted} match(es) none of experiments/glyphs/*.yaml "
+                         f"(the teacher excluded): {sorted(configs)}")
+    pending = list(chosen)
+    while pending:
+        config = configs[pending.pop()]
+        for key in ("student_path", "teacher_path"):
+            made = _made_by(configs, config, key)
+            if made and made not in chosen:
+                chosen.add(made)
+                pending.append(made)
+    return {name: config for name, config in configs.items() if name in chosen}
+
+
+def students(out: Path, verbose: bool, patterns: str = "*", teacher_path: Optional[Path] = None):
+    teacher_path = teacher_path or out / "teacher-lite2-128" / "model_best.pth"
     if not teacher_path.is_file():
-        raise FileNotFoundError(f"{teacher_path}: run the 'teacher' stage first (--only teacher)")
+        raise FileNotFoundError(f"{teacher_path}: run the 'teacher' stage first (--only teacher), or name a trained "
+                                f"teacher with --teacher-path")
     rows = {}
-    configs = {config.stem: read_yaml(config) for config in sorted(GLYPHS.glob("*.yaml")) if config != TEACHER_CONFIG}
+    every = {config.stem: read_yaml(config) for config in sorted(GLYPHS.glob("*.yaml")) if config != TEACHER_CONFIG}
+    configs = select_configs(every, patterns)
     default_size = Config().image_size  # a config without image_size trains at the default's
 
     def made_by(config: dict, key: str) -> str:
-        """The config whose run ``config[key]`` names (runs/glyphs/<config>/<file>), else ''."""
-        name = Path(config.get(key) or "").parent.name
-        return name if name in configs else ""
+        return _made_by(configs, config, key)
 
     # the references trained without the teacher first: a student may start from one (its --student-path)
     for name in sorted(configs, key=lambda name: configs[name].get("mode") != "sym"):
@@ -137,18 +168,29 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(STAGES), help=f"comma-separated stages of {STAGES}")
     parser.add_argument("--out", default="runs/quality", help="folder of the run directories and quality.json")
+    parser.add_argument("--configs", default="*",
+                        help="students stage: comma-separated shell patterns of experiments/glyphs/*.yaml names to "
+                             "run (the runs they start from are added); default all")
+    parser.add_argument("--teacher-path", type=Path, default=None,
+                        help="students stage: a trained teacher checkpoint to use instead of the teacher stage's "
+                             "run under --out (e.g. runs/glyphs/teacher-lite2-128/model_best.pth)")
     parser.add_argument("--verbose", action="store_true", help="show the runs' own output")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise SystemExit(f"--only: unknown stage(s) {unknown}; choose from {STAGES}")
+    if "students" not in stages and (args.configs != "*" or args.teacher_path is not None):
+        raise SystemExit("--configs and --teacher-path choose what the 'students' stage runs; add it to --only")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {}
     for stage in stages:
         start = time.time()
-        rows = globals()[stage](out, args.verbose)
+        if stage == "students":
+            rows = students(out, args.verbose, args.configs, args.teacher_path)
+        else:
+            rows = globals()[stage](out, args.verbose)
         report[stage] = {"rows": rows, "seconds": time.time() - start}
         print(f"\n== {stage} ({time.time() - start:.0f} s)")
         print(f"{'':<58}{'mAP':>7} {'R@1':>7} {'mAP/T':>7} {'R@1/T':>7} {'cos':>7} {'selfR@1':>7}")

@@ -29,3 +29,39 @@ def test_bench_eval_agrees_with_the_reference_at_a_toy_size():
     out = run_script("bench_eval.py", "--sizes", "300", "--profiles", "sop", "--repeats", "1", "--threads", "1")
     row = next(line for line in out.splitlines() if line.split()[:2] == ["300", "sop"])
     assert re.search(r"\|\s+[0-9.]+\s+[0-9.]+\s+\|", row), row  # mAP and R@1 printed
+
+
+def _bench_quality():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_quality_selects_students_with_the_runs_they_start_from():
+    """``--configs`` reruns a few of experiments/glyphs/: a student whose ``student_path`` is another
+    config's run brings that config along, so nothing trains from a run the benchmark did not make."""
+    import pytest
+    from lib.config import read_yaml
+
+    bench = _bench_quality()
+    every = {c.stem: read_yaml(c) for c in sorted(bench.GLYPHS.glob("*.yaml")) if c != bench.TEACHER_CONFIG}
+    assert set(bench.select_configs(every, "*")) == set(every)
+    csd = "ts_aug-lite0-64-label-csd-8ep-sym-start-lr4.5e-4-trainval"
+    assert every[csd]["student_path"] == "runs/glyphs/sym-lite0-64/model_best.pth"
+    assert set(bench.select_configs(every, csd)) == {csd, "sym-lite0-64"}
+    chosen = bench.select_configs(every, "ts_aug-lite0-64-label-csd-*, ts_aug-lite0-64-paper-init")
+    assert "ts_aug-lite0-64-paper-init" in chosen and "sym-lite0-64" in chosen and csd in chosen
+    assert not any(name.startswith("ts_aug-lite0-32") for name in chosen)
+    # every run a config names under runs/glyphs/ is the teacher's or another config's: nothing dangles
+    for name, config in every.items():
+        for key in ("student_path", "teacher_path"):
+            parent = Path(config.get(key) or "").parent
+            if parent.parent == Path("runs/glyphs"):
+                assert parent.name in every or parent.name == bench.TEACHER_CONFIG.stem, (name, key)
+    with pytest.raises(SystemExit, match="no-such-config"):
+        bench.select_configs(every, f"{csd},no-such-config")
+    with pytest.raises(SystemExit, match="add it to --only"):
+        bench.main(["--only", "default", "--configs", csd])
