@@ -102,8 +102,9 @@ def select_configs(configs: dict, patterns: str) -> dict:
     runs they start from or learn from (``student_path``, ``teacher_path``), recursively: a student is
     never trained against a run this benchmark did not make. ``*`` (the default) keeps them all."""
     wanted = [p.strip() for p in patterns.split(",") if p.strip()]
-    chosen = {name for name in configs if any(fnmatch.fnmatchcase(name, p) for p in wanted)}
-    unmatched = [p for p in wanted if not any(fnmatch.fnmatchcase(name, p) for name in configs)]
+    matches = {p: {name for name in configs if fnmatch.fnmatchcase(name, p)} for p in wanted}
+    chosen = set().union(*matches.values())
+    unmatched = [p for p, names in matches.items() if not names]
     if unmatched or not chosen:
         raise SystemExit(f"--configs: {unmatched or wanted} match(es) none of experiments/glyphs/*.yaml "
                          f"(the teacher excluded): {sorted(configs)}")
@@ -128,16 +129,13 @@ def students(out: Path, verbose: bool, patterns: str = "*", teacher_path: Option
     configs = select_configs(every, patterns)
     default_size = Config().image_size  # a config without image_size trains at the default's
 
-    def made_by(config: dict, key: str) -> str:
-        return _made_by(configs, config, key)
-
     # the references trained without the teacher first: a student may start from one (its --student-path)
     for name in sorted(configs, key=lambda name: configs[name].get("mode") != "sym"):
         config, run = GLYPHS / f"{name}.yaml", out / name
         alone = configs[name].get("mode") == "sym"  # a reference trained without the teacher
         paths = {} if alone else {"teacher_path": teacher_path}
         for key in ("teacher_path", "student_path"):  # that config's run, as made here
-            made = made_by(configs[name], key)
+            made = _made_by(configs, configs[name], key)
             if made:
                 paths[key] = out / made / Path(configs[name][key]).name
         argv = ["--config", str(config), "--directory", str(run), "--overwrite"]
@@ -150,7 +148,7 @@ def students(out: Path, verbose: bool, patterns: str = "*", teacher_path: Option
                 rows[f"{name}: {row}"] = metrics
         # a reference that teaches another config: its own mAP at that student's size, the information bound
         sizes = sorted({int(c.get("image_size", default_size)) for c in configs.values()
-                        if made_by(c, "teacher_path") == name})
+                        if _made_by(configs, c, "teacher_path") == name})
         for size in sizes:
             got = _test(["--student-path", str(run / "model_best.pth"), "--image-size", str(size),
                          "--datasets", "cjk-glyphs-test", "--output", str(out / f"{name}-at-{size}.json"),

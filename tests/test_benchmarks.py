@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,7 +45,6 @@ def _bench_quality():
 def test_bench_quality_selects_students_with_the_runs_they_start_from():
     """``--configs`` reruns a few of experiments/glyphs/: a student whose ``student_path`` is another
     config's run brings that config along, so nothing trains from a run the benchmark did not make."""
-    import pytest
     from lib.config import read_yaml
 
     bench = _bench_quality()
