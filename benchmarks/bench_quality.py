@@ -15,8 +15,8 @@ Stages (each a fresh run directory under --out, seeds fixed by the configs):
   information bound of a low-resolution query, at 64 and 32 px;
 * ``students``: every other experiments/glyphs/*.yaml against that teacher: asymmetric mAP and R@1 as a
   share of the teacher's symmetric ones, student-teacher cosine and self-R@1 (a ``sym`` config, a
-  reference trained without the teacher: its symmetric row; these run first, and a student whose
-  ``student_path`` or ``teacher_path`` is another config's run gets that run as made here; a reference
+  reference trained without the teacher: its symmetric row; a config whose ``student_path`` or
+  ``teacher_path`` is another config's run trains after it, from that run as made here; a reference
   that teaches a student is also tested at that student's size, its information bound);
 * ``default``: ``python main.py`` (the embedded cjk-glyphs-mini), its whole table.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import graphlib
 import io
 import json
 import sys
@@ -119,6 +120,16 @@ def select_configs(configs: dict, patterns: str) -> dict:
     return {name: config for name, config in configs.items() if name in chosen}
 
 
+def training_order(configs: dict) -> list:
+    """The names of ``configs``, each after the configs whose runs it starts from or learns from: a
+    restart from another student's run, a student of a reference trained alone (``sym``)."""
+    graph = graphlib.TopologicalSorter()  # raises graphlib.CycleError on configs that name each other
+    for name in sorted(configs):
+        made = (_made_by(configs, configs[name], key) for key in ("student_path", "teacher_path"))
+        graph.add(name, *filter(None, made))
+    return list(graph.static_order())
+
+
 def students(out: Path, verbose: bool, patterns: str = "*", teacher_path: Optional[Path] = None):
     teacher_path = teacher_path or out / "teacher-lite2-128" / "model_best.pth"
     if not teacher_path.is_file():
@@ -129,8 +140,7 @@ def students(out: Path, verbose: bool, patterns: str = "*", teacher_path: Option
     configs = select_configs(every, patterns)
     default_size = Config().image_size  # a config without image_size trains at the default's
 
-    # the references trained without the teacher first: a student may start from one (its --student-path)
-    for name in sorted(configs, key=lambda name: configs[name].get("mode") != "sym"):
+    for name in training_order(configs):
         config, run = GLYPHS / f"{name}.yaml", out / name
         alone = configs[name].get("mode") == "sym"  # a reference trained without the teacher
         paths = {} if alone else {"teacher_path": teacher_path}

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end at toy sizes: they print figures, not pass/fail, so a broken
 option would otherwise surface only when someone needs the figure (``bench_pipeline --workers 0`` once
 passed ``prefetch_factor`` to an in-process DataLoader, which torch refuses)."""
+import graphlib
 import re
 import subprocess
 import sys
@@ -62,6 +63,19 @@ def test_bench_quality_selects_students_with_the_runs_they_start_from():
             parent = Path(config.get(key) or "").parent
             if parent.parent == Path("runs/glyphs"):
                 assert parent.name in every or parent.name == bench.TEACHER_CONFIG.stem, (name, key)
+    # a run trains before every config that starts from it or learns from it, whatever the names' order
+    order = bench.training_order(every)
+    assert sorted(order) == sorted(every)
+    restart = "ts_aug-lite0-64-label-csd-16+16ep-restart-lr4.5e-4-trainval"
+    assert Path(every[restart]["student_path"]).parent.name == "ts_aug-lite0-64-label-csd-16ep-sym-start-lr4.5e-4-trainval"
+    assert restart < Path(every[restart]["student_path"]).parent.name  # sorted by name, it would come first
+    for name, config in every.items():
+        for key in ("student_path", "teacher_path"):
+            made = bench._made_by(every, config, key)
+            assert not made or order.index(made) < order.index(name), (name, key, made)
+    loop = {"a": {"student_path": "runs/glyphs/b/model_best.pth"}, "b": {"teacher_path": "runs/glyphs/a/model_best.pth"}}
+    with pytest.raises(graphlib.CycleError):
+        bench.training_order(loop)
     with pytest.raises(SystemExit, match="no-such-config"):
         bench.select_configs(every, f"{csd},no-such-config")
     with pytest.raises(SystemExit, match="add it to --only"):
