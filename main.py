@@ -24,7 +24,7 @@ from lib.data.splits import DatasetSplit, load_split, trainval
 from lib.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from lib.evaluation.cost import format_cost_table, query_costs
 from lib.evaluation.protocol import format_table
-from lib.evaluation.run import cost_networks, evaluate_dataset
+from lib.evaluation.run import check_test_datasets, cost_networks, evaluate_dataset, test_specs
 from lib.logger import get_logger
 from lib.trainer import TrainResult, Validator, check_learned_miners, train
 from lib.utils import environment, run_script, seed_everything, select_device, write_json
@@ -241,7 +241,7 @@ def final_test(cfg: Config, student_path: Path, teacher, *, device, run_dir: Pat
     results = {}
     # each row's query network: params, GFLOPs, CPU ms
     costs = query_costs(cost_networks(student, teacher, cfg.image_size, cfg.teacher_image_size))
-    for spec in [d.strip() for d in cfg.test_datasets.split(",") if d.strip()]:
+    for spec in test_specs(cfg.test_datasets):
         evaluation = evaluate_dataset(spec, student, teacher, image_size=cfg.image_size,
                                       teacher_size=cfg.teacher_image_size, data_root=cfg.data_root,
                                       val_ratio=cfg.val_ratio, cache=cache, device=device, workers=cfg.workers,
@@ -264,12 +264,18 @@ def main(argv=None) -> Dict:
 def run(cfg: Config, info: DistInfo) -> Dict:
     check_learned_miners(cfg)  # before the run directory, the teacher and the search
     device, teacher_device = devices(cfg, info)
+    # the datasets before the run directory: a misspelt name leaves nothing behind, and a bad test
+    # dataset is reported now, not after the training
+    try:
+        split = load_split(cfg.training_dataset, cfg.data_root, val_ratio=cfg.val_ratio)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"--training-dataset {cfg.training_dataset!r}: {e}") from None
+    check_test_datasets(cfg.test_datasets, "--test-datasets", data_root=cfg.data_root, val_ratio=cfg.val_ratio)
     run_dir = prepare_run_dir(cfg, info)
     if info.is_main:
         print(f">> run directory {run_dir} (device {device}{', teacher on ' + str(teacher_device) if teacher_device != device else ''}"
               f"{f', {info.world_size} processes' if info.enabled else ''})")
     cache = EmbeddingCache(CACHE_DIR)
-    split = load_split(cfg.training_dataset, cfg.data_root, val_ratio=cfg.val_ratio)
     kw = dict(device=device, teacher_device=teacher_device, info=info, cache=cache)
     teacher = get_teacher(cfg, split, run_dir, **kw)
 

@@ -268,6 +268,21 @@ def test_a_set_of_two_images_per_class_trains_its_teacher_and_student(pairs_data
     assert (run / "config.json").read_text() == before
 
 
+def test_a_bad_dataset_is_refused_before_the_run_directory_and_the_training(tiny_dataset, tmp_path):
+    """A misspelt --test-datasets used to surface at the final table, after the whole training; a bad
+    --training-dataset left a run directory holding only its config.json."""
+    import main as main_module
+
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--test-datasets 'no-such-set-test': unknown dataset 'no-such-set'"):
+        main_module.main(tiny_args(tiny_dataset, run, "--test-datasets", f"folder:{tiny_dataset}-test,no-such-set-test"))
+    with pytest.raises(ValueError, match=r"--test-datasets 'folder:.*-gallery': .* has no subset 'gallery'"):
+        main_module.main(tiny_args(tiny_dataset, run, "--test-datasets", f"folder:{tiny_dataset}-gallery"))
+    with pytest.raises(FileNotFoundError, match=r"--training-dataset 'folder:.*no-such-folder': dataset folder"):
+        main_module.main(tiny_args(tiny_dataset, run, "--training-dataset", f"folder:{tmp_path / 'no-such-folder'}"))
+    assert not run.exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # 2. --overwrite and resume never mix two runs; a failed start does not lock its directory
 # ---------------------------------------------------------------------------------------------------

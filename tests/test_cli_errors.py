@@ -15,6 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("script,args,names", [
     ("main.py", ["--lr", "-1"], "option lr (--lr) = -1.0: must be > 0.0"),
     ("test.py", ["--student-path", "{tmp}/broken.pth"], "broken.pth is unreadable"),
+    # the test datasets are loaded first: a misspelt one is refused before any network, any training
+    ("test.py", ["--student-path", "{tmp}/broken.pth", "--datasets", "cjk-glyphs-mini-test,no-such-set-test"],
+     "--datasets 'no-such-set-test': unknown dataset 'no-such-set'"),
+    ("main.py", ["--test-datasets", "cjk-glyphs-mini-gallery"],
+     "--test-datasets 'cjk-glyphs-mini-gallery': dataset 'cjk-glyphs-mini' has no subset 'gallery'"),
 ])
 def test_a_script_given_bad_input_says_what_in_one_line(tmp_path, script, args, names):
     (tmp_path / "broken.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
