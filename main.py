@@ -24,7 +24,7 @@ from lib.data.splits import DatasetSplit, load_split, trainval
 from lib.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from lib.evaluation.cost import format_cost_table, query_costs
 from lib.evaluation.protocol import format_table
-from lib.evaluation.run import check_test_datasets, cost_networks, evaluate_dataset, test_specs
+from lib.evaluation.run import check_test_datasets, cost_networks, dataset_specs, evaluate_dataset
 from lib.logger import get_logger
 from lib.trainer import TrainResult, Validator, check_learned_miners, train
 from lib.utils import environment, run_script, seed_everything, select_device, write_json
@@ -241,7 +241,7 @@ def final_test(cfg: Config, student_path: Path, teacher, *, device, run_dir: Pat
     results = {}
     # each row's query network: params, GFLOPs, CPU ms
     costs = query_costs(cost_networks(student, teacher, cfg.image_size, cfg.teacher_image_size))
-    for spec in test_specs(cfg.test_datasets):
+    for spec in dataset_specs(cfg.test_datasets):
         evaluation = evaluate_dataset(spec, student, teacher, image_size=cfg.image_size,
                                       teacher_size=cfg.teacher_image_size, data_root=cfg.data_root,
                                       val_ratio=cfg.val_ratio, cache=cache, device=device, workers=cfg.workers,

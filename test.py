@@ -24,7 +24,7 @@ from lib.cache import EmbeddingCache
 from lib.models.loading import get_network
 from lib.evaluation.cost import cost_summary, format_cost_table, query_costs
 from lib.evaluation.protocol import format_table
-from lib.evaluation.run import check_test_datasets, cost_networks, evaluate_dataset, test_specs
+from lib.evaluation.run import check_test_datasets, cost_networks, dataset_specs, evaluate_dataset
 from lib.models.pooling import POOLING
 from lib.utils import parse_scales, run_script, select_device, write_json
 
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
                         threads=args.cost_threads) if args.cost else {}
     if costs:
         results["cost"] = costs
-    for spec in test_specs(args.datasets):
+    for spec in dataset_specs(args.datasets):
         start = time.time()
         evaluation = evaluate_dataset(
             spec, student, teacher, image_size=image_size, teacher_size=teacher_size, data_root=args.data_root,

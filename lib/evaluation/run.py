@@ -50,13 +50,13 @@ def resolve_test_subset(spec: str) -> Tuple[str, str]:
     return name, subset
 
 
-def test_images(spec: str, data_root: str = "data", val_ratio: float = 0.5) -> Tuple[List[str], List[int]]:
+def subset_images(spec: str, data_root: str = "data", val_ratio: float = 0.5) -> Tuple[List[str], List[int]]:
     """``(paths, labels)`` of a test dataset spec (:func:`resolve_test_subset`)."""
     name, subset = resolve_test_subset(spec)
     return load_split(name, data_root, val_ratio=val_ratio).subset(subset)
 
 
-def test_specs(datasets: str) -> List[str]:
+def dataset_specs(datasets: str) -> List[str]:
     """The comma-separated dataset specs of ``--test-datasets`` / ``--datasets``."""
     return [d.strip() for d in datasets.split(",") if d.strip()]
 
@@ -65,9 +65,9 @@ def check_test_datasets(datasets: str, option: str, *, data_root: str = "data", 
     """Load every test dataset of ``datasets`` before anything trains or is tested: a misspelt name, a
     missing image or an absent subset is reported at once, naming ``option``, not after hours of training.
     An empty ``datasets`` is no test (``main.py --test-datasets ''``: no table)."""
-    for spec in test_specs(datasets):
+    for spec in dataset_specs(datasets):
         try:
-            test_images(spec, data_root, val_ratio)
+            subset_images(spec, data_root, val_ratio)
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"{option} {spec!r}: {e}") from None
 
@@ -123,7 +123,7 @@ def evaluate_dataset(spec: str, student, teacher=None, *, image_size: int, teach
     row. ``clustering``: NMI and F1 of k-means (``lib.evaluation.clustering``) on the rows whose query and
     database are one embedding (``teacher`` and ``sym``), of that embedding.
     """
-    paths, labels = test_images(spec, data_root, val_ratio)
+    paths, labels = subset_images(spec, data_root, val_ratio)
     labels = torch.as_tensor(labels)
     common = dict(device=device, batch_size=batch_size, workers=workers, scales=scales, amp=amp)
     settings = table_settings(teacher=teacher is not None, naive=naive, sym=sym)
